@@ -1,0 +1,5 @@
+import sys
+
+from llamalab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""``llamalab <stage> ...``: parse flags into the stage's config dataclass and call its ``main()``.
+
+No logic lives here. A stage is a module with a ``Config`` dataclass and ``main(cfg)``; the table
+below maps command words to modules, imported only when that command runs (so that optional
+extras such as fastapi are needed only by the commands that use them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import traceback
+
+from llamalab.common import LlamalabError
+
+# command words -> module (a module exposes `Config` and `main(cfg)`)
+COMMANDS: dict[str, str | dict[str, str]] = {
+    "run": "llamalab.pipeline",
+    "info": "llamalab.model.info",
+    "convert": "llamalab.interop.convert",
+    "tokenizer": {"train": "llamalab.tokenizer.train", "encode": "llamalab.tokenizer.encode"},
+    "pretrain": "llamalab.train.pretrain",
+    "data": {
+        "clean": "llamalab.data.clean_main",
+        "mix": "llamalab.data.mix_main",
+        "stats": "llamalab.data.stats_main",
+        "shard": "llamalab.data.shard_main",
+        "which-step": "llamalab.data.which_step",
+    },
+    "eval": {
+        "run": "llamalab.eval.run",
+        "sweep": "llamalab.eval.sweep",
+        "memorization": "llamalab.eval.memorization",
+    },
+    "sft": "llamalab.finetune.sft",
+    "generate": "llamalab.inference.generate",
+    "chat": "llamalab.inference.chat",
+    "serve": "llamalab.serve.api",
+    "report": "llamalab.report.html",
+}
+
+
+def _usage(table: dict, prefix: str) -> str:
+    lines = [f"usage: {prefix} <command> [flags]   ({prefix} <command> --help for its flags)", "", "commands:"]
+    for word, target in table.items():
+        if isinstance(target, dict):
+            lines.append(f"  {word:<12} {' | '.join(target)}")
+        else:
+            lines.append(f"  {word:<12} {_first_doc_line(target)}")
+    return "\n".join(lines)
+
+
+def _first_doc_line(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return "(not available in this version)"
+    import ast
+
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def invoke(config_cls: type, main_fn, argv: list[str], prog: str, doc: str | None = None) -> int:
+    """Parse ``argv`` into ``config_cls`` and call ``main_fn``; user errors print without a traceback."""
+    from llamalab.config import parse_config
+
+    debug = "--debug" in argv
+    try:
+        cfg, debug = parse_config(config_cls, argv, prog=prog, description=doc)
+        main_fn(cfg)
+        return 0
+    except LlamalabError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: '{prog}' needs an optional package that is not installed: {e.name or e}. "
+              f"Install the matching extra, e.g. pip install 'llamalab[all]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def stage_main(config_cls: type, main_fn) -> None:
+    """For ``if __name__ == "__main__": stage_main(Config, main)`` in a stage module
+    (``python -m llamalab.train.pretrain ...``, also under ``torchrun``)."""
+    mod = sys.modules.get(main_fn.__module__)
+    doc = (getattr(mod, "__doc__", None) or "").strip().split("\n\n")[0] or None
+    spec = getattr(mod, "__spec__", None)
+    sys.exit(invoke(config_cls, main_fn, sys.argv[1:], f"python -m {spec.name if spec else 'llamalab'}", doc))
+
+
+def run_module(module_name: str, argv: list[str], prog: str) -> int:
+    try:
+        if importlib.util.find_spec(module_name) is None:
+            raise LlamalabError(f"'{prog}' is not available in this version of llamalab")
+        mod = importlib.import_module(module_name)
+    except LlamalabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"error: '{prog}' needs an optional package that is not installed: {e.name or e}. "
+              f"Install the matching extra, e.g. pip install 'llamalab[all]'", file=sys.stderr)
+        return 2
+    doc = (mod.__doc__ or "").strip()
+    return invoke(mod.Config, mod.main, argv, prog, doc.split("\n\n")[0] if doc else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table: dict = COMMANDS
+    prefix = "llamalab"
+    while True:
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_usage(table, prefix))
+            return 0 if argv else 2
+        word = argv.pop(0)
+        if word not in table:
+            print(f"error: unknown command {word!r}\n\n{_usage(table, prefix)}", file=sys.stderr)
+            return 2
+        target = table[word]
+        prefix = f"{prefix} {word}"
+        if isinstance(target, dict):
+            table = target
+            continue
+        return run_module(target, argv, prefix)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

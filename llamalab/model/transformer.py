@@ -1,0 +1,107 @@
+"""The LLaMA Transformer: a plain ``nn.Module``, free of parallelism, I/O and sampling.
+
+Pre-norm decoder blocks: h = x + Attention(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h)); a final
+RMSNorm and an untied (or optionally tied) output projection. No biases anywhere.
+
+Build large models without allocating weights::
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cuda")   # after sharding, under FSDP
+    model.init_weights()
+
+Weight init (``cfg.init``):
+- ``llama``: normal(0, 0.02) for every matrix and the embedding; the residual output projections
+  (attention ``wo`` and feed-forward ``w2``) scaled by 1/sqrt(2 * n_layers) (GPT-2 / torchtitan).
+- ``opt``: normal(0, 0.006) with the same 1/sqrt(2 * n_layers) residual scaling (OPT, Megatron-LM).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llamalab.model.attention import Attention, KVCache
+from llamalab.model.config import ModelConfig
+from llamalab.model.layers import FeedForward, RMSNorm, precompute_freqs_cis
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(cfg, layer_id)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, kv_cache: KVCache | None = None,
+                start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, kv_cache, start_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # NOTE: stored as real (T, D/2, 2) fp32, not complex: Module.to(bf16) would silently drop the
+        # imaginary part of a complex buffer. Non-persistent: recomputed, never checkpointed.
+        self.register_buffer("freqs_cis", self._freqs(), persistent=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def _freqs(self) -> torch.Tensor:
+        return torch.view_as_real(precompute_freqs_cis(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """(Re)initialise every weight per ``cfg.init`` and rebuild the rotary table (also after meta)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        if self.cfg.tie_embeddings:  # NOTE: to_empty() from meta unties shared parameters; tie again
+            self.output.weight = self.tok_embeddings.weight
+        std = 0.02 if self.cfg.init == "llama" else 0.006
+        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
+        self.freqs_cis.copy_(self._freqs().to(self.freqs_cis.device))
+        for name, p in self.named_parameters():
+            if p.ndim == 1:  # RMSNorm weights
+                p.fill_(1.0)
+                continue
+            s = resid_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else std
+            if gen is not None and p.device.type != "cpu":
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(s).to(p))
+            else:
+                p.normal_(0.0, s, generator=gen)
+
+    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) in fp32.
+
+        ``kv_cache``: decode incrementally; ``tokens`` sit at positions [start_pos, start_pos+T).
+        ``mask``: optional boolean (B or 1, 1, T, S) attention mask (True = may attend) replacing
+        the causal one, for packed sequences or left-padded batches.
+        """
+        B, T = tokens.shape
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        freqs_cis = torch.view_as_complex(self.freqs_cis[start_pos:start_pos + T].float())  # (T, D/2)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, kv_cache, start_pos, mask)
+        h = self.norm(h)
+        return self.output(h).float()
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok_embeddings.weight.numel()

@@ -1,0 +1,102 @@
+"""Shared fixtures: the shared data folder, a tiny model config, a tiny real corpus, a trained
+tiny tokenizer, and a 2-process gloo runner for distributed tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLAMALAB_SHARED", ROOT.parent / "shared")) / "data"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def shared_path(rel: str) -> Path:
+    p = SHARED / rel
+    if not p.exists():
+        pytest.skip(f"shared test data not found: {p}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"shared test data not found: {SHARED}")
+    return SHARED
+
+
+@pytest.fixture
+def tiny_config():
+    from llamalab.model import ModelConfig
+
+    return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16,
+                       max_seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def botchan_text() -> str:
+    return shared_path("corpus/botchan.txt").read_text(encoding="utf-8-sig")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory, botchan_text) -> Path:
+    """A folder with a few real text files (Botchan split into 4 parts)."""
+    d = tmp_path_factory.mktemp("corpus")
+    lines = botchan_text.splitlines()
+    q = len(lines) // 4
+    for i in range(4):
+        (d / f"part{i}.txt").write_text("\n".join(lines[i * q:(i + 1) * q]) + "\n", encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def botchan_tokenizer(tmp_path_factory):
+    """A 1000-piece LLaMA-style BPE tokenizer trained on Botchan (cached for the session)."""
+    from llamalab.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    tok, _ = train_tokenizer(TokenizerTrainConfig(inputs=[str(shared_path("corpus/botchan.txt"))],
+                                                  output=str(out), vocab_size=1000))
+    return tok
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo(fn, world_size: int = 2, *args) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes with a gloo process group.
+
+    ``fn`` must be importable (a module-level function). Raises if any rank fails.
+    """
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    mp.start_processes(_gloo_entry, args=(world_size, port, fn, args), nprocs=world_size, join=True,
+                       start_method="spawn")
+
+
+def _gloo_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def gloo_runner():
+    return run_gloo
