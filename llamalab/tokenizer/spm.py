@@ -116,27 +116,25 @@ class TokenizerTrainConfig:
             raise LlamalabError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_binary(path: Path) -> io.BufferedIOBase:
     if not path.exists():
         raise LlamalabError(f"input file not found: {path}")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="strict")
-    return open(path, encoding="utf-8", errors="strict")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def iter_lines(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Non-empty lines of the files, streamed; a non-UTF-8 file is an error naming file and line."""
+    """Non-empty lines of the files, streamed; a non-UTF-8 line is an error naming file and line."""
     for p in paths:
         path = Path(p)
-        with _open_text(path) as f:
-            lineno = 0
-            try:
-                for lineno, line in enumerate(f, 1):
-                    line = line.rstrip("\n").lstrip("\ufeff")
-                    if line.strip():
-                        yield line
-            except UnicodeDecodeError as e:
-                raise LlamalabError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
+        with _open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise LlamalabError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+                line = line.rstrip("\r\n").lstrip("\ufeff")
+                if line.strip():
+                    yield line
 
 
 def _sample_lines(cfg: TokenizerTrainConfig) -> tuple[list[str], list[str], int]:
