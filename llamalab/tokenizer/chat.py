@@ -1,0 +1,240 @@
+"""Chat templates: one implementation shared by inference (prompts) and SFT (ids + loss mask).
+
+A conversation is a list of ``{"role": "system"|"user"|"assistant", "content": str}``: an optional
+system message first, then user and assistant turns alternating, starting with a user turn.
+Each template turns it into *parts*: text, or the BOS/EOS token ids. Consecutive text parts are
+encoded together (one SentencePiece call, so pieces at part boundaries are the ones the model saw),
+and special tokens are inserted as ids, never as text a user could type.
+
+Templates (exactly as their reference implementations):
+
+- ``llama2``: Meta's ``chat_completion``: per turn ``BOS [INST] {user} [/INST] {answer} EOS``, the
+  system prompt inside the first turn as ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n``; contents stripped.
+- ``vicuna``: FastChat ``vicuna_v1.1``: ``{system} USER: {user} ASSISTANT: {answer}EOS`` with
+  FastChat's default system prompt.
+- ``alpaca``: Stanford Alpaca's prompt (no-input form), turns chained:
+  ``{preamble}\\n\\n### Instruction:\\n{user}\\n\\n### Response:\\n{answer}EOS``.
+- ``chatml``: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; the turn closer ``<|im_end|>`` is
+  the special id when the vocabulary has one, text otherwise (then it is also a stop string).
+
+``render`` returns (ids, loss_mask): the mask is 1 on assistant-content tokens and on the token(s)
+closing each assistant turn (EOS, or ``<|im_end|>``), 0 elsewhere. ``render_text`` is the same
+conversation as a string (special tokens spelled ``<s>`` / ``</s>``), for display and debugging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+from llamalab.common import LlamalabError
+
+TEMPLATES = ("llama2", "vicuna", "alpaca", "chatml")
+DEFAULT_TEMPLATE = "llama2"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+BOS, EOS = "<s>", "</s>"
+
+
+class _Tok(Protocol):
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+
+@dataclass
+class Part:
+    text: str  # BOS / EOS for the special tokens
+    loss: bool = False
+    special: bool = False
+
+
+def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Validate roles and contents; errors name messages[i]."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise LlamalabError("messages: must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise LlamalabError(f"messages[{i}]: must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise LlamalabError(f"messages[{i}].role: must be system, user or assistant, got {role!r}")
+        if not isinstance(content, str):
+            raise LlamalabError(f"messages[{i}].content: must be a string")
+        out.append({"role": role, "content": content})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for j, m in enumerate(turns):
+        want = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != want:
+            i = j + (len(out) - len(turns))
+            raise LlamalabError(f"messages[{i}].role: expected {want} (after an optional system message, "
+                                f"user and assistant alternate starting with user), got {m['role']!r}")
+    return out
+
+
+def _split(messages: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[tuple[str, str | None]]]:
+    msgs = check_messages(messages)
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    turns = msgs[1:] if system is not None else msgs
+    pairs = [(turns[j]["content"], turns[j + 1]["content"] if j + 1 < len(turns) else None)
+             for j in range(0, len(turns), 2)]
+    return system, pairs
+
+
+def parts(messages: Sequence[Mapping[str, Any]], template: str, add_generation_prompt: bool = True,
+          chatml_end_special: bool = False) -> list[Part]:
+    """The template's parts for a conversation. With ``add_generation_prompt`` a final user turn
+    ends with the assistant prefix (what the model continues); a final assistant turn is closed."""
+    system, pairs = _split(messages)
+    if template not in TEMPLATES:
+        raise LlamalabError(f"chat_template: unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    out: list[Part] = []
+    for j, (user, answer) in enumerate(pairs):
+        last_open = answer is None
+        if last_open and not add_generation_prompt:
+            _user_only(out, template, system if j == 0 else None, user, j)
+            continue
+        if template == "llama2":
+            u = user.strip()
+            if j == 0 and system is not None:
+                u = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{u}"
+            out += [Part(BOS, special=True), Part(f"[INST] {u} [/INST]")]
+            if answer is not None:
+                out += [Part(f" {answer.strip()} ", loss=True), Part(EOS, loss=True, special=True)]
+        elif template == "vicuna":
+            if j == 0:
+                out += [Part(BOS, special=True), Part((system if system is not None else VICUNA_SYSTEM) + " ")]
+            out.append(Part(f"USER: {user} ASSISTANT:"))
+            if answer is not None:
+                out += [Part(f" {answer}", loss=True), Part(EOS, loss=True, special=True)]
+        elif template == "alpaca":
+            pre = ""
+            if j == 0:
+                out.append(Part(BOS, special=True))
+                pre = (system if system is not None else ALPACA_PREAMBLE) + "\n\n"
+            else:
+                pre = "\n\n"
+            out.append(Part(f"{pre}### Instruction:\n{user}\n\n### Response:\n"))
+            if answer is not None:
+                out += [Part(answer, loss=True), Part(EOS, loss=True, special=True)]
+        else:  # chatml
+            if j == 0:
+                out.append(Part(BOS, special=True))
+                if system is not None:
+                    out.append(Part(f"<|im_start|>system\n{system}<|im_end|>\n"))
+            out.append(Part(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"))
+            if answer is not None:
+                out += [Part(answer, loss=True), Part("<|im_end|>", loss=True, special=chatml_end_special),
+                        Part("\n")]
+    return out
+
+
+def _user_only(out: list[Part], template: str, system: str | None, user: str, j: int) -> None:
+    """A trailing user turn without the assistant prefix (add_generation_prompt=False)."""
+    if template == "llama2":
+        u = user.strip() if system is None else f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{user.strip()}"
+        out += [Part(BOS, special=True), Part(f"[INST] {u} [/INST]")]
+    elif template == "vicuna":
+        if j == 0:
+            out += [Part(BOS, special=True), Part((system if system is not None else VICUNA_SYSTEM) + " ")]
+        out.append(Part(f"USER: {user}"))
+    elif template == "alpaca":
+        if j == 0:
+            out += [Part(BOS, special=True), Part((system if system is not None else ALPACA_PREAMBLE) + "\n\n")]
+        out.append(Part(f"### Instruction:\n{user}"))
+    else:
+        if j == 0:
+            out.append(Part(BOS, special=True))
+            if system is not None:
+                out.append(Part(f"<|im_start|>system\n{system}<|im_end|>\n"))
+        out.append(Part(f"<|im_start|>user\n{user}<|im_end|>\n"))
+
+
+def render_text(messages: Sequence[Mapping[str, Any]], template: str, add_generation_prompt: bool = True) -> str:
+    return "".join(p.text for p in parts(messages, template, add_generation_prompt))
+
+
+def _special_id(tok: _Tok, text: str) -> int | None:
+    if text == BOS:
+        return tok.bos_id if tok.bos_id >= 0 else None
+    if text == EOS:
+        return tok.eos_id if tok.eos_id >= 0 else None
+    piece_to_id = getattr(tok, "piece_to_id", None)
+    if piece_to_id is None:
+        return None
+    i = piece_to_id(text)
+    return i if i is not None and i >= 0 and i != getattr(tok, "unk_id", -1) else None
+
+
+def _encode_unit(tok: _Tok, unit: list[Part]) -> tuple[list[int], list[int]]:
+    """Encode consecutive text parts as one string; mask tokens by part boundaries."""
+    full = "".join(p.text for p in unit)
+    ids = tok.encode(full)
+    mask = [0] * len(ids)
+    pos = 0
+    for p in unit:
+        start_ids = _prefix_len(tok, full[:pos], ids)
+        pos += len(p.text)
+        end_ids = _prefix_len(tok, full[:pos], ids)
+        if p.loss:
+            for t in range(start_ids, end_ids):
+                mask[t] = 1
+    return ids, mask
+
+
+def _prefix_len(tok: _Tok, prefix: str, ids: list[int]) -> int:
+    """Number of leading tokens of ``ids`` that spell ``prefix`` (longest common prefix of encodings)."""
+    if not prefix:
+        return 0
+    pid = tok.encode(prefix)
+    n = 0
+    while n < min(len(pid), len(ids)) and pid[n] == ids[n]:
+        n += 1
+    return n
+
+
+def render(messages: Sequence[Mapping[str, Any]], template: str, tokenizer: _Tok,
+           add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask (1 = assistant content and its closing token) of a conversation."""
+    chatml_special = template == "chatml" and _special_id(tokenizer, "<|im_end|>") is not None
+    ids: list[int] = []
+    mask: list[int] = []
+    unit: list[Part] = []
+
+    def flush() -> None:
+        if unit:
+            i, m = _encode_unit(tokenizer, unit)
+            ids.extend(i)
+            mask.extend(m)
+            unit.clear()
+
+    for p in parts(messages, template, add_generation_prompt, chatml_end_special=chatml_special):
+        if p.special:
+            flush()
+            sid = _special_id(tokenizer, p.text)
+            if sid is not None:
+                ids.append(sid)
+                mask.append(int(p.loss))
+        else:
+            unit.append(p)
+    flush()
+    return ids, mask
+
+
+def stop_strings(template: str, tokenizer: _Tok | None = None) -> list[str]:
+    """Strings that end an assistant turn in text (in case the model writes them instead of EOS)."""
+    return {"llama2": ["[INST]"], "vicuna": ["USER:"], "alpaca": ["### Instruction:"],
+            "chatml": ["<|im_end|>", "<|im_start|>"]}.get(template, [])
+
+
+def resolve_template(meta: Mapping[str, Any] | None, override: str | None = None) -> str:
+    """The template to use: an explicit override, else the model folder's ``chat_template``, else llama2."""
+    name = override or (meta or {}).get("chat_template") or DEFAULT_TEMPLATE
+    if name not in TEMPLATES:
+        where = "--chat-template" if override else "config.json chat_template"
+        raise LlamalabError(f"{where}: unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    return name
