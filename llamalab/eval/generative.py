@@ -1,0 +1,201 @@
+"""Generative tasks: closed-book QA exact match, GSM8K (answer extraction, maj@k), HumanEval (pass@k).
+
+The scoring functions are pure and follow the published definitions:
+- QA: SQuAD normalisation (lower case, strip punctuation and the articles a/an/the, collapse
+  whitespace); exact match if the normalised prediction equals any normalised answer; also F1.
+- GSM8K: ``strict`` takes the number after ``#### `` in the completion (the format of the
+  few-shot solutions); ``flexible`` takes the last number in the completion (lm-eval's
+  ``flexible-extract``). Numbers compare after removing ``,``, ``$`` and a trailing ``.``
+  (``18.0`` equals ``18``). maj@k: the most frequent extracted answer among k samples (ties: the one
+  seen first) compared with the target.
+- HumanEval: pass@k with the unbiased estimator of Chen et al. 2021,
+  ``1 - C(n-c, k) / C(n, k)`` computed as a stable product, averaged over problems; every
+  completion runs in :mod:`llamalab.eval.sandbox`.
+
+Generation is injected as a ``SampleFn(prompts, n, temperature) -> n completions per prompt``, so
+the same code serves our model (:func:`model_sample_fn`) and tests with scripted completions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from llamalab.common import Progress
+
+SampleFn = Callable[[list[str], int, float], list[list[str]]]
+
+# ----------------------------------------------------------------------------- QA
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD / NaturalQuestions / TriviaQA answer normalisation."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def qa_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(a) for a in answers))
+
+
+def qa_f1(prediction: str, answers: Sequence[str]) -> float:
+    def f1(pred: str, gold: str) -> float:
+        p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+        common = sum((Counter(p) & Counter(g)).values())
+        if not p or not g:
+            return float(p == g)
+        if common == 0:
+            return 0.0
+        prec, rec = common / len(p), common / len(g)
+        return 2 * prec * rec / (prec + rec)
+
+    return max(f1(prediction, a) for a in answers)
+
+
+# ----------------------------------------------------------------------------- GSM8K
+
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def normalize_number(s: str) -> str:
+    s = s.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        v = float(s)
+    except ValueError:
+        return s
+    return str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v)
+
+
+def extract_strict(completion: str) -> str | None:
+    m = _STRICT.search(completion)
+    return normalize_number(m.group(1)) if m else None
+
+
+def extract_flexible(completion: str) -> str | None:
+    found = [a or b for a, b in _NUMBER.findall(completion)]
+    found = [f for f in found if any(ch.isdigit() for ch in f)]
+    return normalize_number(found[-1]) if found else None
+
+
+def majority(answers: Sequence[str | None]) -> str | None:
+    """The most frequent non-empty answer; ties go to the one that appeared first."""
+    votes = [a for a in answers if a is not None]
+    if not votes:
+        return None
+    counts = Counter(votes)
+    best = max(counts.values())
+    return next(a for a in votes if counts[a] == best)
+
+
+# ----------------------------------------------------------------------------- pass@k
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+# ----------------------------------------------------------------------------- evaluation loops
+
+
+def model_sample_fn(model, tokenizer, max_new_tokens: int, stop: Sequence[str], batch_size: int = 8,
+                    seed: int = 0, top_p: float = 1.0) -> SampleFn:
+    """Our model as a :data:`SampleFn` (greedy when temperature is 0)."""
+    from llamalab.eval.generate_util import generate
+
+    def fn(prompts: list[str], n: int, temperature: float) -> list[list[str]]:
+        flat = [p for p in prompts for _ in range(n)]
+        out: list[str] = []
+        for b in range(0, len(flat), batch_size):
+            out += generate(model, tokenizer, flat[b:b + batch_size], max_new_tokens, temperature, stop,
+                            top_p=top_p, seed=seed + b)
+        return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    return fn
+
+
+def run_generation(sample_fn: SampleFn, prompts: list[str], n: int, temperature: float, label: str,
+                   chunk: int = 8) -> list[list[str]]:
+    bar = Progress(len(prompts), label, "prompt")
+    out: list[list[str]] = []
+    for b in range(0, len(prompts), chunk):
+        out += sample_fn(prompts[b:b + chunk], n, temperature)
+        bar.update(min(chunk, len(prompts) - b))
+    bar.close()
+    return out
+
+
+def score_qa(completions: list[list[str]], answers: list[list[str]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    recs = []
+    for comps, ans in zip(completions, answers):
+        pred = comps[0].strip()
+        recs.append({"prediction": pred, "answers": ans, "exact_match": qa_exact_match(pred, ans),
+                     "f1": qa_f1(pred, ans)})
+    n = len(recs)
+    return {"exact_match": sum(r["exact_match"] for r in recs) / n, "f1": sum(r["f1"] for r in recs) / n}, recs
+
+
+def score_gsm8k(completions: list[list[str]], targets: list[str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """exact_match (strict, flexible) of the first sample, and maj@k over all samples when k > 1."""
+    recs = []
+    for comps, tgt in zip(completions, targets):
+        want = normalize_number(tgt)
+        strict = [extract_strict(c) for c in comps]
+        flex = [extract_flexible(c) for c in comps]
+        rec = {"completion": comps[0], "target": want, "strict": strict[0], "flexible": flex[0],
+               "exact_match_strict": float(strict[0] == want), "exact_match_flexible": float(flex[0] == want)}
+        if len(comps) > 1:
+            rec["majority"] = majority(flex)
+            rec[f"maj@{len(comps)}"] = float(rec["majority"] == want)
+            rec["samples"] = comps
+        recs.append(rec)
+    keys = [k for k in recs[0] if k.startswith(("exact_match", "maj@"))]
+    return {k: sum(r[k] for r in recs) / len(recs) for k in keys}, recs
+
+
+def score_humaneval(problems: list[dict], completions: list[list[str]], ks: Sequence[int] = (1, 10, 100),
+                    timeout: float = 10.0, workers: int = 2, memory_mb: int = 1024
+                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Run every completion's tests in the sandbox; pass@k for each k <= samples per problem."""
+    from llamalab.eval.sandbox import humaneval_program, run_python
+
+    jobs = [(i, j, humaneval_program(p, c)) for i, (p, comps) in enumerate(zip(problems, completions))
+            for j, c in enumerate(comps)]
+    bar = Progress(len(jobs), "humaneval tests", "program")
+    results: dict[tuple[int, int], Any] = {}
+
+    def one(job: tuple[int, int, str]) -> None:
+        i, j, prog = job
+        results[(i, j)] = run_python(prog, timeout=timeout, memory_mb=memory_mb)
+        bar.update()
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        list(ex.map(one, jobs))
+    bar.close()
+    recs = []
+    for i, (p, comps) in enumerate(zip(problems, completions)):
+        res = [results[(i, j)] for j in range(len(comps))]
+        c = sum(r.passed for r in res)
+        rec = {"task_id": p["task_id"], "n": len(comps), "correct": c,
+               "results": [{"status": r.status, "completion": comp, "stderr": r.stderr[-500:]}
+                           for r, comp in zip(res, comps)]}
+        for k in ks:
+            if k <= len(comps):
+                rec[f"pass@{k}"] = pass_at_k(len(comps), c, k)
+        recs.append(rec)
+    metrics = {f"pass@{k}": sum(r[f"pass@{k}"] for r in recs) / len(recs) for k in ks if f"pass@{k}" in recs[0]}
+    return metrics, recs

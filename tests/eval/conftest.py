@@ -1,0 +1,30 @@
+"""Fixtures for evaluation tests: a random tiny model folder with the Botchan tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def eval_model_folder(tmp_path_factory, botchan_tokenizer):
+    """A saved llamalab model folder: random weights (seed 0), vocabulary of the Botchan tokenizer."""
+    from llamalab.checkpoint import save_model
+    from llamalab.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=botchan_tokenizer.vocab_size,
+                      multiple_of=16, max_seq_len=256)
+    model = Transformer(cfg).eval()
+    folder = tmp_path_factory.mktemp("evalmodel") / "model"
+    save_model(folder, model, botchan_tokenizer.path)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def eval_model(eval_model_folder):
+    from llamalab.checkpoint import load_model
+    from llamalab.tokenizer import Tokenizer
+
+    model, _ = load_model(eval_model_folder)
+    return model, Tokenizer(eval_model_folder / "tokenizer.model")
