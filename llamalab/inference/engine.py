@@ -80,6 +80,7 @@ class Delta:
     logprobs: list[TokenLogprob]
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a request's first delta, when asked
 
 
 @dataclass
@@ -257,7 +258,9 @@ class Engine:
         if p.prompt_logprobs is not None:
             seq.prompt_logprobs = self._prompt_logprobs(seq.prompt_ids, logits, p.prompt_logprobs)
             logits = logits[-1:]
-        return self._sample_and_emit([seq], logits, slot0=slot)[0]
+        delta = self._sample_and_emit([seq], logits, slot0=slot)[0]
+        delta.prompt_logprobs = seq.prompt_logprobs
+        return delta
 
     @staticmethod
     def _prompt_logprobs(ids: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
@@ -379,3 +382,17 @@ def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
         if j >= 0 and (best is None or j < best):
             best = j
     return best
+
+
+def token_text(tokenizer: TokenizerLike, token_id: int) -> str:
+    """The text of one token as it appears inside a sequence (SentencePiece '▁' -> space, <0x..> bytes)."""
+    own = getattr(tokenizer, "token_text", None)
+    if own is not None:
+        return own(token_id)
+    piece = tokenizer.id_to_piece(token_id)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
+        except ValueError:
+            return piece
+    return piece.replace("\u2581", " ")
