@@ -55,7 +55,7 @@ def test_socket_is_blocked():
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
-    srv.settimeout(3)
+    srv.settimeout(1)
     port = srv.getsockname()[1]
 
     def accept() -> None:
