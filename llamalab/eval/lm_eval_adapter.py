@@ -1,0 +1,134 @@
+"""Run EleutherAI's lm-evaluation-harness on a llamalab model folder, for scores comparable with
+published ones.
+
+Two ways (details in docs/eval.md):
+
+1. In process, with the model class registered here as ``llamalab``::
+
+       pip install lm_eval
+       python -m llamalab.eval.lm_eval_adapter run --model llamalab \\
+           --model_args pretrained=runs/tiny/checkpoints/step_001000/model,batch_size=16 --tasks hellaswag,arc_easy
+
+   or from Python: ``register(); lm_eval.simple_evaluate(model="llamalab", model_args="pretrained=...", tasks=[...])``.
+
+2. Over HTTP, against ``llamalab serve`` with lm-eval's ``local-completions`` model; log-likelihood
+   tasks need the server to return prompt log-probabilities (``echo`` + ``logprobs``), generation
+   tasks need only ``/v1/completions``.
+
+The three request types map onto llamalab's own scoring, so both harnesses tokenize and score the
+same way: ``loglikelihood`` -> :func:`llamalab.eval.loglik.score_text_pairs` (lm-eval's pair
+encoding, BOS first, left truncation); ``loglikelihood_rolling`` -> non-overlapping windows with
+full context for the last one, as lm-eval specifies; ``generate_until`` -> greedy (or sampled, if
+``do_sample``/``temperature`` is asked for) decoding until a stop string, EOS or ``max_gen_toks``.
+
+:class:`LlamalabLMCore` holds the logic without importing lm_eval (tests use it directly);
+:func:`register` builds the lm_eval subclass when lm_eval is installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from llamalab.common import LlamalabError
+
+
+class LlamalabLMCore:
+    """lm-eval's three request types over a llamalab model folder (or an already loaded model)."""
+
+    def __init__(self, pretrained: str | Path | None = None, batch_size: int | str = 16, device: str = "auto",
+                 dtype: str = "auto", max_gen_toks: int | str = 256, model=None, tokenizer=None, **_: Any) -> None:
+        if model is None:
+            if pretrained is None:
+                raise LlamalabError("lm_eval model_args: give pretrained=<llamalab model folder>")
+            from llamalab.eval.run import load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(pretrained, device if device not in (None, "") else "auto",
+                                                        dtype)
+        self.model, self.tok = model, tokenizer
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        self.max_length = model.cfg.max_seq_len
+
+    # -- requests as plain tuples
+    def loglikelihood_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        from llamalab.eval.loglik import model_logits_fn, score_text_pairs
+
+        scored = score_text_pairs(model_logits_fn(self.model), self.tok, list(pairs), self.max_length, self.batch_size)
+        return [(s.loglik, s.is_greedy) for s in scored]
+
+    def rolling(self, texts: Sequence[str]) -> list[float]:
+        from llamalab.eval.loglik import document_nll, model_logits_fn
+
+        fn = model_logits_fn(self.model)
+        return [-document_nll(fn, self.tok.encode(t, bos=True), self.max_length, self.max_length)[0] for t in texts]
+
+    def generate(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Requests grouped by identical generation settings, each group decoded in batches."""
+        from llamalab.eval.generate_util import generate
+
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, (_, kw) in enumerate(requests):
+            groups.setdefault(repr(sorted((kw or {}).items())), []).append(i)
+        for idx in groups.values():
+            kw = dict(requests[idx[0]][1] or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
+            temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) or kw.get("temperature") else 0.0
+            for b in range(0, len(idx), self.batch_size):
+                chunk = idx[b:b + self.batch_size]
+                texts = generate(self.model, self.tok, [requests[i][0] for i in chunk], max_new, temp, until,
+                                 top_p=float(kw.get("top_p", 1.0)), seed=int(kw.get("seed", 0)) + b)
+                for i, t in zip(chunk, texts):
+                    out[i] = t
+        return out  # type: ignore[return-value]
+
+
+def register():
+    """Define and register the lm_eval model class ``llamalab``; returns the class."""
+    try:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError as e:
+        raise LlamalabError(f"lm-evaluation-harness is not installed ({e}); pip install lm_eval") from None
+    try:
+        from lm_eval.api.registry import get_model
+
+        return get_model("llamalab")  # already registered
+    except Exception:  # noqa: BLE001 - lm_eval raises different errors across versions for an unknown name
+        pass
+
+    @register_model("llamalab")
+    class LlamalabLM(LM):
+        def __init__(self, pretrained: str | None = None, **kwargs: Any) -> None:
+            super().__init__()
+            self.core = LlamalabLMCore(pretrained, **kwargs)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return self.core.loglikelihood_pairs([tuple(r.args) for r in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            return self.core.rolling([r.args[0] for r in requests])
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            return self.core.generate([(r.args[0], r.args[1]) for r in requests])
+
+    return LlamalabLM
+
+
+def main() -> None:
+    """``python -m llamalab.eval.lm_eval_adapter <lm_eval arguments>``: lm_eval's own CLI, with ``llamalab`` registered."""
+    try:
+        register()
+        from lm_eval.__main__ import cli_evaluate
+    except LlamalabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
