@@ -147,6 +147,7 @@ def eval_generative(model, tokenizer, task: Task, items: list[Item], pool: list[
     else:
         ks = [k for k in (1, 10, 100) if k <= cfg.num_samples]
         metrics, recs = G.score_humaneval([it.fields for it in items], comps, ks, cfg.timeout, cfg.workers)
+        metrics = with_stderr(recs, list(metrics))
     for it, r in zip(items, recs):
         r.setdefault("id", it.id)
         r["line"] = it.line
