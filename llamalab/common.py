@@ -95,6 +95,32 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on ``device`` (the MFU denominator), best of a short timed loop."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        torch.matmul(a, b, out=c)
+    sync()
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b, out=c)
+        sync()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -110,6 +136,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = is_rank0()
         self.extra = ""
+        self._drawn = -1
 
     def update(self, k: int = 1, extra: str = "") -> None:
         self.n += k
@@ -121,6 +148,7 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now: float) -> None:
+        self._drawn = self.n
         dt = max(now - self.t0, 1e-9)
         rate = self.n / dt
         tot = f"/{self.total}" if self.total else ""
@@ -134,7 +162,8 @@ class Progress:
     def close(self) -> float:
         now = time.perf_counter()
         if self.enabled:
-            self._draw(now)
+            if self._drawn != self.n:
+                self._draw(now)
             if self.stream.isatty():
                 self.stream.write("\n")
         return now - self.t0

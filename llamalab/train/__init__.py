@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, the one train step, checkpoints, stability guards, pretraining."""

@@ -1,0 +1,195 @@
+"""Training checkpoints: atomic save, verified load, fall back to the last good one.
+
+``checkpoints/step_000100/`` holds::
+
+    model/                 a llamalab model folder (loads in the engine, the server, the converters)
+    optimizer.safetensors  AdamW moments and step counts (tensors only; never pickled)
+    rng.safetensors        torch CPU (and CUDA) generator states
+    state.json             step, tokens seen, data position (next batch, skipped batches), Python and
+                           NumPy RNG states, optimizer hyper-parameters, the run config
+    checksums.json         sha256 of every file above (model/ files included)
+
+A checkpoint is written under ``step_000100.tmp-<pid>`` and renamed when complete; a folder
+without a valid ``checksums.json`` (a crash mid-write, a truncated copy) is skipped on resume for
+the newest one that verifies, with a message. All checkpoints are kept by default (LLM360).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from llamalab.checkpoint import load_into, load_state, model_state_for_save, save_model
+from llamalab.common import LlamalabError, print0, read_json, sha256_file, write_json_atomic
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer updates done
+    tokens_seen: int = 0
+    batch_index: int = 0  # next global batch to read
+    skip_batches: tuple[int, ...] = ()  # batches never to read again (spike / NaN rollbacks)
+    best_val_loss: float | None = None
+    guard: tuple[float, ...] = ()  # recent accepted losses (the spike guard's window)
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "batch_index": self.batch_index,
+                "skip_batches": list(self.skip_batches), "best_val_loss": self.best_val_loss,
+                "guard": list(self.guard)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainState":
+        return cls(d["step"], d["tokens_seen"], d["batch_index"], tuple(d.get("skip_batches", ())),
+                   d.get("best_val_loss"), tuple(d.get("guard", ())))
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    v, st, g = meta["python"]
+    random.setstate((v, tuple(st), g))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict] = {}
+    for key, t in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = t
+    for pid, kv in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(kv)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, run_config: dict[str, Any], tokenizer_path: str | Path | None = None,
+                    model_extra: dict[str, Any] | None = None) -> Path:
+    """Write ``root/step_XXXXXX`` atomically; returns its path."""
+    root = Path(root)
+    final = step_dir(root, state.step)
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(tmp / "model", model, tokenizer_path=tokenizer_path,
+               extra={"step": state.step, "tokens_seen": state.tokens_seen, **(model_extra or {})},
+               state=model_state_for_save(model))
+    opt_t, opt_meta = optimizer_tensors(optimizer)
+    save_file(opt_t, str(tmp / "optimizer.safetensors"))
+    rng_t, rng_meta = rng_state()
+    save_file(rng_t, str(tmp / "rng.safetensors"))
+    write_json_atomic(tmp / "state.json", {**state.to_json(), "rng": rng_meta, "optimizer": opt_meta,
+                                           "config": run_config})
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    write_json_atomic(tmp / "checksums.json", {f: sha256_file(tmp / f) for f in files})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def verify_checkpoint(folder: Path) -> None:
+    sums_path = folder / "checksums.json"
+    if not sums_path.exists():
+        raise LlamalabError(f"{folder}: incomplete checkpoint (no checksums.json)")
+    sums = read_json(sums_path, what="checkpoint checksums")
+    for name, want in sums.items():
+        f = folder / name
+        if not f.exists():
+            raise LlamalabError(f"{folder}: {name} is missing")
+        if sha256_file(f) != want:
+            raise LlamalabError(f"{f}: checksum mismatch (truncated or corrupt)")
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)),
+                  key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest_good_checkpoint(root: str | Path, on_bad=None) -> Path | None:
+    """The newest checkpoint that verifies; ``on_bad(path, reason)`` hears about each one skipped."""
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except LlamalabError as e:
+            print0(f"checkpoint: skipping {folder.name}: {e}")
+            if on_bad is not None:
+                on_bad(folder, str(e))
+    return None
+
+
+def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    restore_rng: bool = True) -> tuple[TrainState, dict[str, Any]]:
+    """Verify and load a checkpoint into ``model`` (and ``optimizer``); returns its state and config."""
+    folder = Path(folder)
+    verify_checkpoint(folder)
+    meta = read_json(folder / "state.json", what="checkpoint state")
+    sd = load_state(folder / "model" / "model.safetensors")
+    load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / "model"))
+    if optimizer is not None:
+        load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+    if restore_rng:
+        set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
+    return TrainState.from_json(meta), meta.get("config", {})
+
+
+def checkpoint_summary(folder: Path) -> dict[str, Any]:
+    meta = json.loads((folder / "state.json").read_text())
+    return {"path": str(folder), "step": meta["step"], "tokens_seen": meta["tokens_seen"]}

@@ -1,0 +1,94 @@
+"""Parallelism and memory savers, applied to the model from outside (the torchtitan way).
+
+The model never knows it is distributed: this module initialises the process group from
+torchrun's environment, wraps blocks for activation checkpointing, and wraps the model for data
+parallelism. ``parallelize`` is the one entry point the trainers call.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llamalab.common import LlamalabError, dist_info
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "auto"  # auto | none | ddp | fsdp
+    activation_checkpointing: str = "none"  # none | full | every_k
+    ac_every: int = 2  # with every_k: checkpoint every k-th block
+    compile: bool = False
+
+
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """Initialise the default process group when launched by torchrun; returns (rank, local_rank, world)."""
+    rank, local_rank, world = dist_info()
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return rank, local_rank, world
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise LlamalabError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun "
+                            f"(torchrun --nproc-per-node N -m llamalab.train.pretrain ...)")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend)
+    return rank, local_rank, world
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 2) -> int:
+    """Recompute each wrapped block's activations in backward (non-reentrant); returns blocks wrapped.
+
+    The block's ``forward`` is replaced on the instance, so parameter names and checkpoints are
+    unchanged.
+    """
+    if mode == "none":
+        return 0
+    if mode not in ("full", "every_k"):
+        raise LlamalabError(f"activation_checkpointing must be none, full or every_k, got {mode!r}")
+    n = 0
+    for i, block in enumerate(model.layers):
+        if mode == "every_k" and i % every != 0:
+            continue
+        inner = type(block).forward
+
+        def fwd(self, *args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(self, *args, **kwargs)
+            return checkpoint(_inner, self, *args, use_reentrant=False, **kwargs)
+
+        block.forward = types.MethodType(fwd, block)
+        n += 1
+    return n
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
+    """Activation checkpointing, optional compile, then DDP/FSDP by ``cfg.strategy``."""
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if world > 1 else "none")
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()
+    if strategy == "none" or world == 1:
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if strategy == "fsdp":
+        from llamalab.train.fsdp import apply_fsdp
+
+        return apply_fsdp(model, device)
+    raise LlamalabError(f"parallel.strategy must be auto, none, ddp or fsdp, got {strategy!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,103 @@
+"""The one training step, shared by pretraining, SFT and preference tuning.
+
+A step takes the micro-batches of one global batch on this rank, runs forward/backward on each
+(gradient accumulation), and returns the loss and gradient norm; the caller decides, through the
+stability guard, whether the optimizer steps.
+
+Loss normalisation: the loss is a sum over target tokens divided by the number of target tokens
+in the *global* batch (all micro-batches, all ranks), so that accumulation and data parallelism give
+the same gradient as one big batch, also when loss masks leave different numbers of tokens per
+micro-batch (SFT). DDP averages gradients over ranks, hence the ``world_size`` factor.
+NOTE: under DDP only the last micro-batch synchronises gradients (``no_sync`` on the others).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target token over the global batch
+    n_tokens: int  # target tokens in the global batch
+    grad_norm: float | None = None
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy over targets != IGNORE_INDEX. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_count(n: int, device: torch.device) -> int:
+    if _world() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                     loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     ) -> StepResult:
+    """Accumulate gradients of the global-batch-mean loss over this rank's micro-batches."""
+    device = next(model.parameters()).device
+    local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    n_global = _global_count(local, device)
+    scale = _world() / max(n_global, 1)
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = i == len(micro_batches) - 1
+        sync_ctx = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast():
+                loss_sum = loss_fn(model, x, y) if loss_fn is not None else token_loss_sum(model(x), y)
+            (loss_sum * scale).backward()
+        total += loss_sum.detach()
+    if _world() > 1:
+        dist.all_reduce(total)
+    return StepResult(loss=float(total) / max(n_global, 1), n_tokens=n_global)
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip gradients to ``grad_clip`` (0 = off), step, and clear gradients; returns the pre-clip norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def split_micro(x: torch.Tensor, y: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i:i + micro], y[i:i + micro]) for i in range(0, x.shape[0], micro)]
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float | None:
+    """Mean per-token loss over ``batches`` (None when there are none)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            total += float(token_loss_sum(model(x), y))
+        n += int((y != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / n if n else None
