@@ -1,0 +1,203 @@
+"""Write a run's ``report.html``: plots, the data mixture, config, samples, compute and energy.
+
+One self-contained HTML file (plots embedded as PNG data URIs, no CDN), built only from the run's
+record (``meta.json``, ``metrics.jsonl``, ``logbook.jsonl``, ``data/manifest.json``,
+``summary.json``, ``samples.json``, ``eval/``), so ``llamalab report RUN`` can rebuild it at any time.
+Plots need matplotlib (the ``report`` extra); without it the report says so and keeps the tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llamalab.common import LlamalabError, print0
+
+
+@dataclass
+class Config:
+    run: str = field(default="", metadata={"positional": True, "help": "run folder"})
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def training_plots(rows: list[dict]) -> list[tuple[str, str]]:
+    """(title, data URI) for loss, learning rate, gradient norm and throughput."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    if not rows:
+        return []
+    steps = [r["step"] for r in rows]
+    out = []
+    panels = [
+        ("Loss", [("train", "loss"), ("validation", "val_loss")], "nats / token"),
+        ("Learning rate", [("lr", "lr")], "lr"),
+        ("Gradient norm (before clipping)", [("grad norm", "grad_norm")], "L2 norm"),
+        ("Throughput", [("tokens/s", "tokens_per_s")], "tokens / s"),
+        ("Model FLOPs utilisation", [("MFU", "mfu")], "fraction of measured peak"),
+    ]
+    for title, series, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(6.4, 3.2))
+        for label, key in series:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        ax.set_xlim(min(steps), max(steps))
+        out.append((title, _png(fig)))
+        plt.close(fig)
+    return out
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in headers)
+    b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{b}</table>"
+
+
+def mixture_table(manifest: dict | None, summary: dict | None) -> str:
+    if not manifest:
+        return "<p>No manifest.</p>"
+    toks = manifest.get("tokens_by_source", {})
+    total = sum(toks.values()) or 1
+    corpus = (summary or {}).get("corpus", {})
+    docs, by = corpus.get("documents_by_source", {}), corpus.get("bytes_by_source", {})
+    rows = [[src, f"{docs.get(src, '')}", f"{by.get(src, 0) / 1e6:.2f}" if src in by else "",
+             f"{n:,}", f"{n / total:.1%}"] for src, n in sorted(toks.items(), key=lambda kv: -kv[1])]
+    return _table(["source", "documents", "MB", "tokens", "share"], rows)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def eval_images(run: Path) -> list[tuple[str, str]]:
+    out = []
+    for p in sorted((run / "eval").glob("*.png")) if (run / "eval").exists() else []:
+        out.append((p.stem.replace("_", " "), "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()))
+    return out
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .sub{color:#666} .grid{display:grid;grid-template-columns:1fr 1fr;gap:1em}
+img{max-width:100%;border:1px solid #eee} table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left;font-size:.92em} th{background:#f5f5f5}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em} .kpi{display:flex;gap:2em;flex-wrap:wrap}
+.kpi div{background:#f3f6fb;padding:.6em 1em;border-radius:6px} .kpi b{display:block;font-size:1.3em}"""
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    meta = _read_json(run / "meta.json")
+    if meta is None:
+        raise LlamalabError(f"{run}: not a run folder (no meta.json)")
+    rows = _read_jsonl(run / "metrics.jsonl")
+    summary = _read_json(run / "summary.json") or {}
+    samples = _read_json(run / "samples.json") or summary.get("samples", [])
+    manifest = _read_json(run / "data" / "manifest.json")
+    logbook = _read_jsonl(run / "logbook.jsonl")
+    plots = training_plots(rows)
+    last = rows[-1] if rows else {}
+    vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
+    tokens = last.get("tokens_seen", 0)
+    flops = meta.get("flops_per_token", 0) * tokens
+    energy = summary.get("energy")
+    kpis = [("steps", last.get("step", 0)), ("tokens seen", f"{tokens:,}"), ("final train loss", _fmt(last.get("loss"))),
+            ("validation loss", _fmt(vals[-1]) if vals else "n/a"),
+            ("unigram entropy", _fmt(summary.get("unigram_entropy", "n/a"))),
+            ("parameters", f"{meta.get('n_params', 0):,}"), ("train FLOPs", f"{flops:.3g}"),
+            ("mean MFU", f"{sum(r['mfu'] for r in rows) / len(rows):.1%}" if rows else "n/a")]
+    parts = [f"<h1>llamalab run: {html.escape(run.name)}</h1>",
+             f"<p class=sub>git {html.escape(str(meta.get('git_sha')))} &middot; {html.escape(meta.get('device', ''))} "
+             f"{html.escape(meta.get('dtype', ''))} &middot; world size {meta.get('world_size', 1)}</p>",
+             "<div class=kpi>" + "".join(f"<div>{html.escape(k)}<b>{html.escape(str(v))}</b></div>" for k, v in kpis)
+             + "</div>", "<h2>Training</h2>"]
+    if plots:
+        parts.append("<div class=grid>" + "".join(f'<figure><img alt="{html.escape(t)}" src="{u}"><figcaption>'
+                                                  f'{html.escape(t)}</figcaption></figure>' for t, u in plots) + "</div>")
+    else:
+        parts.append("<p>(plots need matplotlib: pip install 'llamalab[report]')</p>")
+    evimgs = eval_images(run)
+    if evimgs:
+        parts.append("<h2>Evaluations of every checkpoint</h2><div class=grid>" + "".join(
+            f'<figure><img alt="{html.escape(t)}" src="{u}"><figcaption>{html.escape(t)}</figcaption></figure>'
+            for t, u in evimgs) + "</div>")
+    parts += ["<h2>Data mixture</h2>", mixture_table(manifest, summary)]
+    if manifest:
+        parts.append(f"<p>{manifest['n_tokens']['train']:,} training and {manifest['n_tokens']['val']:,} validation "
+                     f"tokens in {len(manifest['shards'])} shards; validation split: {html.escape(manifest['val_split'])}."
+                     f" Tokenizer sha256 {manifest['tokenizer']['sha256'][:16]}…</p>")
+    dropped = summary.get("corpus", {}).get("dropped")
+    if dropped:
+        parts.append("<p>Dropped while reading: " + html.escape(", ".join(f"{k}: {v}" for k, v in dropped.items()))
+                     + "</p>")
+    if samples:
+        parts.append("<h2>Samples</h2>" + "".join(
+            f"<pre><b>{html.escape(s['prompt'])}</b>{html.escape(s['completion'])}</pre>" for s in samples))
+    parts.append("<h2>Compute and energy</h2>")
+    comp = [["FLOPs per token (6N + 12·L·H·Dh·T)", f"{meta.get('flops_per_token', 0):.4g}"],
+            ["total training FLOPs", f"{flops:.4g}"], ["measured matmul peak", f"{meta.get('peak_flops', 0):.4g} FLOP/s"]]
+    if energy:
+        comp += [["device power (W)", _fmt(energy["device_power_watts"])], ["hours", _fmt(energy["hours"])],
+                 ["PUE", _fmt(energy["pue"])], ["energy (kWh) = W × h × PUE / 1000", _fmt(energy["kwh"])],
+                 ["grid intensity (kg CO2eq/kWh)", _fmt(energy["carbon_intensity_kg_per_kwh"])],
+                 ["emissions (kg CO2eq)", _fmt(energy["kg_co2eq"])]]
+    parts.append(_table(["quantity", "value"], comp))
+    parts.append("<p>As in the LLaMA and OPT papers: energy = device power × hours × PUE, carbon = energy × grid "
+                 "intensity; each factor is a documented parameter of <code>llamalab run</code>.</p>")
+    if logbook:
+        parts.append("<h2>Logbook</h2>" + _table(["event", "details"], [
+            [e["event"], ", ".join(f"{k}={_fmt(v)}" for k, v in e.items() if k not in ("event", "time"))]
+            for e in logbook]))
+    parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(
+        {k: meta[k] for k in ("config", "model", "plan", "data", "versions") if k in meta}, indent=2)) + "</pre>")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>llamalab: {html.escape(run.name)}</title>" \
+           f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    out = run / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def main(cfg: Config) -> Path:
+    out = write_report(cfg.run)
+    print0(f"report: {out}")
+    return out
+
+
+if __name__ == "__main__":
+    from llamalab.cli import stage_main
+
+    stage_main(Config, main)
