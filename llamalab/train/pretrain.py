@@ -21,26 +21,23 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llamalab.common import (LlamalabError, Progress, dist_info, git_sha, is_rank0, measure_matmul_peak,
-                             package_versions, print0, resolve_device, resolve_dtype, seed_everything,
-                             sha256_file, write_json_atomic)
+from llamalab.common import (LlamalabError, git_sha, is_rank0, measure_matmul_peak, package_versions, print0,
+                             resolve_device, resolve_dtype, seed_everything, sha256_file, write_json_atomic)
 from llamalab.config import to_dict
 from llamalab.data.shards import MANIFEST, TokenDataset, load_manifest, val_batches
 from llamalab.model.config import ModelConfig, flops_per_token, get_preset
 from llamalab.model.transformer import Transformer
-from llamalab.train.checkpoint import (TrainState, latest_good_checkpoint, list_checkpoints, load_checkpoint,
-                                       save_checkpoint)
-from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize, unwrap
-from llamalab.train.loop import clip_and_step, evaluate_loss, forward_backward, split_micro
-from llamalab.train.optim import OptimConfig, build_optimizer, effective_warmup, lr_at, set_lr
-from llamalab.train.stability import GuardConfig, Logbook, LossGuard
+from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize
+from llamalab.train.loop import evaluate_loss, split_micro
+from llamalab.train.optim import OptimConfig, build_optimizer, effective_warmup
+from llamalab.train.stability import GuardConfig
+from llamalab.train.trainer import LoopSettings, Trainer
 
 
 @dataclass
@@ -137,37 +134,6 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-class Metrics:
-    """metrics.jsonl (rank 0), plus TensorBoard when asked."""
-
-    def __init__(self, run: Path, tensorboard: bool) -> None:
-        self.path = run / "metrics.jsonl"
-        self.tb = None
-        if tensorboard and is_rank0():
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-            self.tb = SummaryWriter(str(run / "tensorboard"))
-
-    def truncate_after(self, step: int) -> int:
-        """Drop lines past ``step`` (written after the checkpoint we resume from); returns how many."""
-        if not self.path.exists() or not is_rank0():
-            return 0
-        lines = self.path.read_text().splitlines()
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
-        return len(lines) - len(keep)
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not is_rank0():
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step" and v is not None:
-                    self.tb.add_scalar(k, v, row["step"])
-
-
 def write_meta(run: Path, cfg: Config, plan: Plan, data_root: Path, extra: dict[str, Any]) -> dict:
     meta = {
         "config": to_dict(cfg), "model": dataclasses.asdict(plan.model_cfg),
@@ -184,17 +150,6 @@ def write_meta(run: Path, cfg: Config, plan: Plan, data_root: Path, extra: dict[
             history = prev.get("history", []) + [{k: prev[k] for k in ("config", "plan", "git_sha") if k in prev}]
         write_json_atomic(old, {**meta, "history": history})
     return meta
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
-    out = {}
-    for k in set(old) | set(new):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(config_changes(a, b, f"{prefix}{k}."))
-        elif a != b:
-            out[f"{prefix}{k}"] = (a, b)
-    return out
 
 
 def copy_tokenizer(run: Path, manifest: dict) -> Path | None:
@@ -228,12 +183,8 @@ def main(cfg: Config) -> dict[str, Any]:
         raise LlamalabError(f"{data_root}: {train.n_windows} training windows of {plan.seq_len + 1} tokens, fewer than "
                             f"one global batch ({plan.global_seqs}); use more data or a smaller batch")
     run = Path(cfg.run_dir)
-    ckpt_root = run / "checkpoints"
     if is_rank0():
         run.mkdir(parents=True, exist_ok=True)
-    if list_checkpoints(ckpt_root) and not cfg.resume:
-        raise LlamalabError(f"{run} already holds checkpoints: pass --resume to continue it, or choose a new --run-dir")
-    logbook = Logbook(run / "logbook.jsonl", enabled=is_rank0())
     tok_path = copy_tokenizer(run, train.manifest) if is_rank0() else None
     if is_rank0():
         write_json_atomic(run / "data" / MANIFEST, train.manifest)
@@ -243,139 +194,33 @@ def main(cfg: Config) -> dict[str, Any]:
     model.init_weights(seed=cfg.seed)
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim, plan.peak_lr)
-    state = TrainState()
-    guard = LossGuard(cfg.guard)
-    metrics = Metrics(run, cfg.tensorboard)
-
-    if cfg.resume:
-        good = latest_good_checkpoint(ckpt_root, on_bad=lambda p, why: logbook.log("bad_checkpoint", path=str(p), reason=why))
-        if good is not None:
-            state, old_cfg = load_checkpoint(good, model, optimizer)
-            guard.load_state_dict(list(state.guard))
-            dropped = metrics.truncate_after(state.step)
-            changes = config_changes(old_cfg, to_dict(cfg))
-            changes.pop("resume", None)
-            logbook.log("restart", step=state.step, checkpoint=str(good), metrics_lines_dropped=dropped)
-            if changes:
-                logbook.log("config_change", step=state.step, changes={k: list(v) for k, v in changes.items()})
-            print0(f"pretrain: resumed from {good} (step {state.step}, {state.tokens_seen:,} tokens)")
-        else:
-            print0("pretrain: --resume given but no usable checkpoint found; starting from scratch")
-            logbook.log("start", note="resume requested, no checkpoint")
-    else:
-        logbook.log("start", seed=cfg.seed)
-
     peak = cfg.peak_flops or measure_matmul_peak(device, torch.float32 if dtype == torch.float32 else dtype)
     fpt = flops_per_token(plan.model_cfg, plan.seq_len)
+    per_rank = plan.global_seqs // world
+
+    def batch(b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        windows = train.batch_windows(b, plan.global_seqs, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        return split_micro(*train.get_batch(windows), plan.micro)
+
+    settings = LoopSettings(
+        name="pretrain", run_dir=run, steps=plan.steps, peak_lr=plan.peak_lr, warmup=plan.warmup,
+        min_lr_ratio=cfg.optim.min_lr_ratio, grad_clip=cfg.optim.grad_clip, tokens_per_step=plan.global_seqs * plan.seq_len,
+        flops_per_token=fpt, peak_flops=peak, checkpoint_interval=cfg.checkpoint_interval, keep_last=cfg.keep_last,
+        eval_interval=cfg.eval_interval, stop_after=cfg.stop_after, max_seconds=cfg.max_seconds, resume=cfg.resume,
+        tensorboard=cfg.tensorboard, fault_nan_steps=tuple(cfg.fault_nan_steps), guard=cfg.guard)
+    trainer = Trainer(model, optimizer, settings, batch, run_cfg=to_dict(cfg), tokenizer_path=tok_path,
+                      autocast=autocast_for(device, dtype),
+                      eval_fn=lambda m, ac: evaluate_loss(m, val_batches(val, plan.micro, cfg.eval_batches), ac))
+    trainer.restore()
     write_meta(run, cfg, plan, data_root, {"world_size": world, "device": str(device), "dtype": str(dtype),
-                                           "peak_flops": peak, "flops_per_token": fpt,
-                                           "n_params": unwrap(model).num_params()})
-    model.train()
-    pmodel = parallelize(model, cfg.parallel, device)
-    autocast = autocast_for(device, dtype)
-    run_cfg = to_dict(cfg)
-    print0(f"pretrain: {plan.model_cfg.n_layers}L/{plan.model_cfg.dim}d, {unwrap(model).num_params():,} params | "
+                                           "peak_flops": peak, "flops_per_token": fpt, "n_params": model.num_params()})
+    trainer.model = parallelize(model, cfg.parallel, device)
+    print0(f"pretrain: {plan.model_cfg.n_layers}L/{plan.model_cfg.dim}d, {model.num_params():,} params | "
            f"{plan.steps} steps x {plan.global_seqs} seqs x {plan.seq_len} tokens "
            f"(micro {plan.micro} x accum {plan.accum} x world {world}) | {train.n_windows:,} train windows "
            f"= {train.epochs_for(plan.steps, plan.global_seqs):.2f} epochs | lr {plan.peak_lr:g}, warmup {plan.warmup} | "
            f"{device} {str(dtype).replace('torch.', '')}")
-
-    def save() -> Path:
-        path = save_checkpoint(ckpt_root, unwrap(model), optimizer,
-                               dataclasses.replace(state, guard=tuple(guard.state_dict())), run_cfg, tok_path,
-                               model_extra={"run": str(run)}) if is_rank0() else None
-        if world > 1:
-            torch.distributed.barrier()
-        if cfg.keep_last and is_rank0():
-            for old in list_checkpoints(ckpt_root)[:-cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        return path
-
-    bar = Progress(plan.steps, "pretrain", unit="steps", every=2.0)
-    bar.n = state.step
-    t_start = time.perf_counter()
-    steps_this_run = 0
-    rollbacks = 0
-    last_val = None
-    drilled: set[int] = set()
-    per_rank = plan.global_seqs // world
-    while state.step < plan.steps:
-        b = state.batch_index
-        while b in state.skip_batches:
-            b += 1
-        windows = train.batch_windows(b, plan.global_seqs, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
-        x, y = train.get_batch(windows)
-        lr = lr_at(state.step, plan.peak_lr, plan.warmup, plan.steps, cfg.optim.min_lr_ratio)
-        set_lr(optimizer, lr)
-        t0 = time.perf_counter()
-        res = forward_backward(pmodel, split_micro(x, y, plan.micro), autocast)
-        loss = res.loss
-        if state.step + 1 in cfg.fault_nan_steps and state.step + 1 not in drilled:
-            drilled.add(state.step + 1)  # a drill fires once per step, so the retry can succeed
-            loss = float("nan")
-        kind, action = guard.check(loss)
-        if kind != "ok":
-            optimizer.zero_grad(set_to_none=True)
-            logbook.log(kind, step=state.step + 1, batch=b, loss=loss, reference=guard.reference(), action=action)
-            print0(f"pretrain: {kind} at step {state.step + 1} (loss {loss:.4g}, batch {b}): {action}")
-            if action == "stop":
-                save()
-                raise LlamalabError(f"training stopped: {kind} loss at step {state.step + 1} (see {run / 'logbook.jsonl'})")
-            state.skip_batches = tuple(sorted(set(state.skip_batches) | {b}))
-            if action == "rollback" and rollbacks < cfg.guard.max_rollbacks:
-                good = latest_good_checkpoint(ckpt_root)
-                if good is not None:
-                    rollbacks += 1
-                    skips = state.skip_batches
-                    state, _ = load_checkpoint(good, model, optimizer)
-                    state.skip_batches = tuple(sorted(set(state.skip_batches) | set(skips)))
-                    guard.load_state_dict(list(state.guard))
-                    metrics.truncate_after(state.step)
-                    logbook.log("rollback", to_step=state.step, checkpoint=str(good), skip_batches=list(skips))
-                    bar.n = state.step
-                    continue
-            state.batch_index = b + 1
-            continue
-        grad_norm = clip_and_step(pmodel, optimizer, cfg.optim.grad_clip)
-        guard.accept(loss)
-        dt = time.perf_counter() - t0
-        state.step += 1
-        state.batch_index = b + 1
-        state.tokens_seen += plan.global_seqs * plan.seq_len
-        steps_this_run += 1
-        tps = plan.global_seqs * plan.seq_len / dt
-        row = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
-               "tokens_per_s": tps, "mfu": fpt * tps / peak, "batch": b, "step_time": dt,
-               "elapsed": time.perf_counter() - t_start}
-        if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or state.step == plan.steps):
-            last_val = evaluate_loss(unwrap(model), val_batches(val, plan.micro, cfg.eval_batches), autocast)
-            row["val_loss"] = last_val
-            if last_val is not None and (state.best_val_loss is None or last_val < state.best_val_loss):
-                state.best_val_loss = last_val
-        metrics.log(row)
-        bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} |g| {grad_norm:.2f} {tps:,.0f} tok/s mfu {row['mfu']:.1%}"
-                   + (f" val {last_val:.4f}" if "val_loss" in row and last_val is not None else ""))
-        done = state.step == plan.steps
-        out_of_time = cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds
-        stop_now = (cfg.stop_after and steps_this_run >= cfg.stop_after) or out_of_time
-        if done or stop_now or (cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0):
-            save()
-        if stop_now and not done:
-            logbook.log("stop", step=state.step, reason="max_seconds" if out_of_time else "stop_after")
-            break
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-    logbook.log("end", step=state.step, tokens_seen=state.tokens_seen, seconds=round(elapsed, 2))
-    summary = {"run_dir": str(run), "steps": state.step, "planned_steps": plan.steps, "tokens_seen": state.tokens_seen,
-               "seconds": elapsed, "final_loss": guard.recent[-1] if guard.recent else None, "val_loss": last_val,
-               "tokens_per_s": steps_this_run * plan.global_seqs * plan.seq_len / elapsed if elapsed else None,
-               "skipped_batches": list(state.skip_batches)}
-    print0(f"pretrain: {state.step}/{plan.steps} steps, {state.tokens_seen:,} tokens in {elapsed:.1f}s | "
-           f"loss {summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)} | "
-           f"val {last_val if last_val is None else round(last_val, 4)} | "
-           f"{len(state.skip_batches)} batches skipped | checkpoints in {ckpt_root}")
-    return summary
-
+    return trainer.fit()
 
 if __name__ == "__main__":
     from llamalab.cli import stage_main

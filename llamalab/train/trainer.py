@@ -1,0 +1,269 @@
+"""The one training loop: schedule, guards, metrics, checkpoints, resume. Pretraining, SFT and
+preference tuning all run it; they differ only in the batches they feed and the loss they use.
+
+A stage builds a model and optimizer, a ``batch(b) -> micro-batches`` function giving this rank's
+share of global batch ``b`` (a pure function of ``b``, so the data order is recorded by the batch
+index alone), and :class:`LoopSettings`; then calls :meth:`Trainer.restore` (resume from the newest
+good checkpoint, if asked) and :meth:`Trainer.fit`.
+
+Guards (``llamalab.train.stability``): a NaN/Inf or spiking loss skips the optimizer step and the
+batch, or rolls back to the last checkpoint and never reads that batch again; every event goes to
+``logbook.jsonl``. Metrics go to ``metrics.jsonl`` (and TensorBoard when asked), one line per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from llamalab.common import LlamalabError, Progress, is_rank0, print0
+from llamalab.train.checkpoint import (TrainState, latest_good_checkpoint, list_checkpoints, load_checkpoint,
+                                       save_checkpoint)
+from llamalab.train.distributed import unwrap
+from llamalab.train.loop import clip_and_step, forward_backward
+from llamalab.train.optim import lr_at, set_lr
+from llamalab.train.stability import GuardConfig, Logbook, LossGuard
+
+MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LoopSettings:
+    name: str  # "pretrain", "sft", ...: the progress label
+    run_dir: Path
+    steps: int
+    peak_lr: float
+    warmup: int
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    tokens_per_step: int = 0  # for tokens/s and MFU; 0: count target tokens per step instead
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0
+    checkpoint_interval: int = 100
+    keep_last: int = 0
+    eval_interval: int = 0
+    stop_after: int = 0
+    max_seconds: float = 0.0
+    resume: bool = False
+    tensorboard: bool = False
+    fault_nan_steps: tuple[int, ...] = ()
+    guard: GuardConfig = dataclasses.field(default_factory=GuardConfig)
+
+
+class Metrics:
+    """metrics.jsonl (rank 0), plus TensorBoard when asked."""
+
+    def __init__(self, run: Path, tensorboard: bool) -> None:
+        self.path = run / "metrics.jsonl"
+        self.tb = None
+        if tensorboard and is_rank0():
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+
+    def truncate_after(self, step: int) -> int:
+        """Drop lines past ``step`` (written after the checkpoint we resume from); returns how many."""
+        if not self.path.exists() or not is_rank0():
+            return 0
+        lines = self.path.read_text().splitlines()
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+        return len(lines) - len(keep)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not is_rank0():
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, row["step"])
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    out = {}
+    for k in set(old) | set(new):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, settings: LoopSettings,
+                 batch: Callable[[int], MicroBatches], run_cfg: dict[str, Any],
+                 tokenizer_path: str | Path | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 eval_fn: Callable[[torch.nn.Module, Callable], float | None] | None = None,
+                 loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 model_extra: dict[str, Any] | None = None) -> None:
+        self.model = model  # may be replaced by a parallel wrapper before fit()
+        self.optimizer = optimizer
+        self.s = settings
+        self.batch = batch
+        self.run_cfg = run_cfg
+        self.tokenizer_path = tokenizer_path
+        self.autocast = autocast
+        self.eval_fn = eval_fn
+        self.loss_fn = loss_fn
+        self.model_extra = model_extra or {}
+        self.run = Path(settings.run_dir)
+        self.ckpt_root = self.run / "checkpoints"
+        self.state = TrainState()
+        self.guard = LossGuard(settings.guard)
+        self.logbook = Logbook(self.run / "logbook.jsonl", enabled=is_rank0())
+        self.metrics = Metrics(self.run, settings.tensorboard)
+        self.last_val: float | None = None
+
+    # ------------------------------------------------------------------ resume
+
+    def restore(self) -> None:
+        """With ``resume``: load the newest checkpoint that verifies (logging the bad ones)."""
+        if list_checkpoints(self.ckpt_root) and not self.s.resume:
+            raise LlamalabError(f"{self.run} already holds checkpoints: pass --resume to continue it, "
+                                f"or choose a new --run-dir")
+        if not self.s.resume:
+            self.logbook.log("start", steps=self.s.steps)
+            return
+        good = latest_good_checkpoint(self.ckpt_root, on_bad=lambda p, why: self.logbook.log(
+            "bad_checkpoint", path=str(p), reason=why))
+        if good is None:
+            print0(f"{self.s.name}: --resume given but no usable checkpoint found; starting from scratch")
+            self.logbook.log("start", note="resume requested, no checkpoint")
+            return
+        self._load(good)
+        dropped = self.metrics.truncate_after(self.state.step)
+        changes = config_changes(self._old_cfg, self.run_cfg)
+        changes.pop("resume", None)
+        self.logbook.log("restart", step=self.state.step, checkpoint=str(good), metrics_lines_dropped=dropped)
+        if changes:
+            self.logbook.log("config_change", step=self.state.step, changes={k: list(v) for k, v in changes.items()})
+        print0(f"{self.s.name}: resumed from {good} (step {self.state.step}, {self.state.tokens_seen:,} tokens)")
+
+    def _load(self, folder: Path) -> None:
+        skips = set(self.state.skip_batches)
+        self.state, self._old_cfg = load_checkpoint(folder, unwrap(self.model), self.optimizer)
+        self.state.skip_batches = tuple(sorted(set(self.state.skip_batches) | skips))
+        self.guard.load_state_dict(list(self.state.guard))
+
+    def save(self) -> Path | None:
+        path = None
+        if is_rank0():
+            state = dataclasses.replace(self.state, guard=tuple(self.guard.state_dict()))
+            path = save_checkpoint(self.ckpt_root, unwrap(self.model), self.optimizer, state, self.run_cfg,
+                                   self.tokenizer_path, model_extra={"run": str(self.run), **self.model_extra})
+            if self.s.keep_last:
+                for old in list_checkpoints(self.ckpt_root)[:-self.s.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def _handle_bad(self, kind: str, action: str, loss: float, b: int) -> None:
+        """A NaN or a spike at batch ``b``: skip it, roll back past it, or stop."""
+        st = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        self.logbook.log(kind, step=st.step + 1, batch=b, loss=loss, reference=self.guard.reference(), action=action)
+        print0(f"{self.s.name}: {kind} at step {st.step + 1} (loss {loss:.4g}, batch {b}): {action}")
+        if action == "stop":
+            self.save()
+            raise LlamalabError(f"training stopped: {kind} loss at step {st.step + 1} (see {self.run / 'logbook.jsonl'})")
+        st.skip_batches = tuple(sorted(set(st.skip_batches) | {b}))
+        if action == "rollback" and self._rollbacks < self.s.guard.max_rollbacks:
+            good = latest_good_checkpoint(self.ckpt_root)
+            if good is not None:
+                self._rollbacks += 1
+                self._load(good)
+                self.metrics.truncate_after(self.state.step)
+                self.logbook.log("rollback", to_step=self.state.step, checkpoint=str(good),
+                                 skip_batches=list(self.state.skip_batches))
+                return
+        st.batch_index = b + 1
+
+    def fit(self) -> dict[str, Any]:
+        s, st = self.s, self.state
+        bar = Progress(s.steps, s.name, unit="steps", every=2.0)
+        bar.n = st.step
+        t_start = time.perf_counter()
+        steps_this_run, tokens_this_run = 0, 0
+        self._rollbacks = 0
+        drilled: set[int] = set()
+        self.model.train()
+        while self.state.step < s.steps:
+            st = self.state
+            b = st.batch_index
+            while b in st.skip_batches:
+                b += 1
+            micro = self.batch(b)
+            lr = lr_at(st.step, s.peak_lr, s.warmup, s.steps, s.min_lr_ratio)
+            set_lr(self.optimizer, lr)
+            t0 = time.perf_counter()
+            res = forward_backward(self.model, micro, self.autocast, self.loss_fn)
+            loss = res.loss
+            if st.step + 1 in s.fault_nan_steps and st.step + 1 not in drilled:
+                drilled.add(st.step + 1)  # a drill fires once per step, so the retry can succeed
+                loss = float("nan")
+            kind, action = self.guard.check(loss)
+            if kind != "ok":
+                self._handle_bad(kind, action, loss, b)
+                bar.n = self.state.step
+                continue
+            grad_norm = clip_and_step(self.model, self.optimizer, s.grad_clip)
+            self.guard.accept(loss)
+            dt = time.perf_counter() - t0
+            tokens = s.tokens_per_step or res.n_tokens
+            st.step += 1
+            st.batch_index = b + 1
+            st.tokens_seen += tokens
+            steps_this_run += 1
+            tokens_this_run += tokens
+            tps = tokens / dt
+            row = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": st.tokens_seen,
+                   "tokens_per_s": tps, "mfu": s.flops_per_token * tps / s.peak_flops if s.peak_flops else None,
+                   "batch": b, "step_time": dt, "elapsed": time.perf_counter() - t_start}
+            if self.eval_fn is not None and s.eval_interval and (st.step % s.eval_interval == 0 or st.step == s.steps):
+                self.last_val = self.eval_fn(unwrap(self.model), self.autocast)
+                row["val_loss"] = self.last_val
+                if self.last_val is not None and (st.best_val_loss is None or self.last_val < st.best_val_loss):
+                    st.best_val_loss = self.last_val
+            self.metrics.log(row)
+            mfu = f" mfu {row['mfu']:.1%}" if row["mfu"] is not None else ""
+            val = f" val {self.last_val:.4f}" if "val_loss" in row and self.last_val is not None else ""
+            bar.update(1, extra=f"loss {loss:.4f} lr {lr:.2e} |g| {grad_norm:.2f} {tps:,.0f} tok/s{mfu}{val}")
+            done = st.step == s.steps
+            out_of_time = bool(s.max_seconds) and time.perf_counter() - t_start > s.max_seconds
+            stop_now = bool(s.stop_after and steps_this_run >= s.stop_after) or out_of_time
+            if done or stop_now or (s.checkpoint_interval and st.step % s.checkpoint_interval == 0):
+                self.save()
+            if stop_now and not done:
+                self.logbook.log("stop", step=st.step, reason="max_seconds" if out_of_time else "stop_after")
+                break
+        bar.close()
+        return self._summary(time.perf_counter() - t_start, steps_this_run, tokens_this_run)
+
+    def _summary(self, elapsed: float, steps_this_run: int, tokens_this_run: int) -> dict[str, Any]:
+        st = self.state
+        self.logbook.log("end", step=st.step, tokens_seen=st.tokens_seen, seconds=round(elapsed, 2))
+        final = self.guard.recent[-1] if self.guard.recent else None
+        summary = {"run_dir": str(self.run), "steps": st.step, "planned_steps": self.s.steps,
+                   "tokens_seen": st.tokens_seen, "seconds": elapsed, "final_loss": final, "val_loss": self.last_val,
+                   "tokens_per_s": tokens_this_run / elapsed if elapsed else None,
+                   "skipped_batches": list(st.skip_batches)}
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        print0(f"{self.s.name}: {st.step}/{self.s.steps} steps, {st.tokens_seen:,} tokens in {elapsed:.1f}s | "
+               f"loss {fmt(final)} | val {fmt(self.last_val)} | {len(st.skip_batches)} batches skipped | "
+               f"checkpoints in {self.ckpt_root}")
+        return summary
