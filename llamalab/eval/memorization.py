@@ -32,8 +32,17 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from llamalab.common import LlamalabError, Progress, print0, read_json, resolve_device, resolve_dtype, write_json_atomic
+from llamalab.common import (
+    LlamalabError,
+    Progress,
+    print0,
+    read_json,
+    resolve_device,
+    resolve_dtype,
+    write_json_atomic,
+)
 from llamalab.eval.sweep import Checkpoint, find_checkpoints, select_every
+from llamalab.report.html import refresh_report
 
 
 @dataclass
@@ -322,6 +331,7 @@ def main(cfg: Config) -> dict:
     print_summary(summary)
     print0(f"memorization done in {time.perf_counter() - t0:.1f}s: {len(summary['checkpoints'])} checkpoint(s), "
            f"{len(samples)} sequences; results in {run / 'eval'}/")
+    refresh_report(Path(cfg.run))
     return summary
 
 

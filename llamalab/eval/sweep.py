@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.common import LlamalabError, print0, read_json, write_json_atomic
-from llamalab.eval.run import Config as RunConfig
 from llamalab.eval.run import MAIN_METRIC, evaluate_task, load_model_and_tokenizer
+from llamalab.eval.run import Config as RunConfig
 from llamalab.eval.tasks import get_task
+from llamalab.report.html import refresh_report
 
 
 @dataclass
@@ -224,6 +225,7 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     curves = write_curves(cfg.run, cfg.plots)
     print0(curve_table(curves))
     print0(f"sweep done in {time.perf_counter() - t0:.1f}s: {len(new)} new result(s); curves in {Path(cfg.run) / 'eval'}/")
+    refresh_report(Path(cfg.run))
     return new
 
 

@@ -103,10 +103,18 @@ def _fmt(v: Any) -> str:
 
 
 def eval_images(run: Path) -> list[tuple[str, str]]:
-    out = []
-    for p in sorted((run / "eval").glob("*.png")) if (run / "eval").exists() else []:
-        out.append((p.stem.replace("_", " "), "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()))
-    return out
+    """Figures written by ``eval sweep`` / ``eval memorization`` into RUN/eval/ (captions from figures.json)."""
+    folder = run / "eval"
+    if not folder.exists():
+        return []
+    captions: dict[str, str] = {}
+    index = _read_json(folder / "figures.json") or {}
+    for figs in index.values():
+        for f in figs if isinstance(figs, list) else []:
+            if isinstance(f, dict) and "path" in f:
+                captions[Path(f["path"]).name] = f.get("caption", "")
+    return [(captions.get(p.name) or p.stem.replace("_", " "),
+             "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()) for p in sorted(folder.glob("*.png"))]
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -188,6 +196,16 @@ def write_report(run: str | Path) -> Path:
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
+    return out
+
+
+def refresh_report(run: str | Path) -> Path | None:
+    """Rebuild the report of a run folder after new evaluations (no-op for a folder without meta.json)."""
+    run = Path(run)
+    if not (run / "meta.json").exists():
+        return None
+    out = write_report(run)
+    print0(f"report updated: {out}")
     return out
 
 

@@ -63,3 +63,5 @@ def test_sweep_cli_on_a_run(tiny_run, tmp_path):
     pts = json.loads((tiny_run / "eval" / "curves.json").read_text())["perplexity"]["bits_per_byte"]
     assert [p["step"] for p in pts] == [4, 8, 12] and pts[0]["tokens_seen"] == 4 * 8 * 64
     assert pts[-1]["value"] < pts[0]["value"]  # training lowers held-out bits per byte
+    page = (tiny_run / "report.html").read_text()  # the sweep refreshed the run's report with its curves
+    assert "Evaluations of every checkpoint" in page and "perplexity" in page
