@@ -18,7 +18,6 @@ the same code serves our model (:func:`model_sample_fn`) and tests with scripted
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import Counter
