@@ -1,0 +1,232 @@
+"""Supervised fine-tuning (SFT): ``llamalab sft --base MODEL --data FILE --format alpaca|sharegpt``.
+
+Recipe (Llama 2, Touvron et al. 2023b, section 3.1): AdamW, cosine schedule, peak lr 2e-5, weight
+decay 0.1, batch 64 sequences, 2 epochs, loss on assistant tokens only, examples packed into
+full-length rows. Warmup is 3% of the steps (Alpaca / TRL; the paper states none). With LoRA
+(``--lora.rank 8``) the default peak lr is 2e-4 instead, as for alpaca-lora / QLoRA: adapters
+start at zero and need a larger step.
+
+The run goes through :class:`~llamalab.train.trainer.Trainer`, the loop pretraining uses (guards,
+metrics.jsonl, logbook, atomic checkpoints, ``--resume``); only the batches (packed rows, see
+:mod:`llamalab.finetune.packing`) and the loss function differ. Steps are derived from the data:
+``epochs * ceil(rows / batch_size)``.
+
+Outputs in ``--run-dir``:
+  ``model/``        a llamalab model folder (LoRA merged) with ``chat_template`` recorded: the engine,
+                    ``llamalab generate|chat|serve`` and the HF/GGUF exporters read it
+  ``adapter/``      with LoRA, the adapter alone (``adapter_model.safetensors`` + config)
+  ``sft_data.json`` the data ledger (records read, kept, dropped by reason, fixes, tokens)
+  ``metrics.jsonl``, ``logbook.jsonl``, ``checkpoints/``  as for pretraining
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamalab.checkpoint import load_model, save_model
+from llamalab.common import (LlamalabError, print0, resolve_device, resolve_dtype, seed_everything, sha256_file,
+                             write_json_atomic)
+from llamalab.config import to_dict
+from llamalab.finetune.data import FORMATS, OVERLONG, Example, load_sft_data
+from llamalab.finetune.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
+from llamalab.finetune.packing import collate, pack_rows, sft_loss
+from llamalab.tokenizer.chat import TEMPLATES, resolve_template
+from llamalab.train.optim import OptimConfig, build_optimizer
+from llamalab.train.pretrain import autocast_for
+from llamalab.train.stability import GuardConfig
+from llamalab.train.trainer import LoopSettings, Trainer
+
+FULL_LR, LORA_LR = 2e-5, 2e-4
+
+
+@dataclass
+class Config:
+    base: str = field(default="", metadata={"help": "base model folder (llamalab format)"})
+    data: list[str] = field(default_factory=list, metadata={"help": "data file(s), JSON or JSONL (.gz ok), comma-separated"})
+    format: str = field(default="sharegpt", metadata={"choices": list(FORMATS),
+                                                       "help": "alpaca: instruction/input/output; sharegpt: conversations"})
+    template: str = field(default="", metadata={"help": f"chat template ({', '.join(TEMPLATES)}); "
+                                                       "default: the base model's, else llama2"})
+    run_dir: str = field(default="runs/sft", metadata={"help": "where the run's record and model/ go"})
+    seq_len: int = field(default=0, metadata={"help": "row length in tokens (0: the model's context)"})
+    packing: bool = field(default=True, metadata={"help": "pack examples into full rows (attention kept per example)"})
+    overlong: str = field(default="split", metadata={"choices": list(OVERLONG),
+                                                     "help": "examples longer than seq_len: split at turns, truncate, drop"})
+    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
+                                                     "help": "malformed records: stop with file:line, or count and skip"})
+    limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
+    epochs: float = 2.0
+    batch_size: int = field(default=64, metadata={"help": "rows per optimizer step (Llama 2: 64)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0: min(batch_size, 8))"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0: epochs * ceil(rows / batch_size))"})
+    warmup_ratio: float = 0.03
+    lr: float = field(default=0.0, metadata={"help": f"peak learning rate (0: {FULL_LR:g}, or {LORA_LR:g} with LoRA)"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of the peak"})
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    device: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
+    checkpoint_interval: int = field(default=500, metadata={"help": "steps between checkpoints (and at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
+    stop_after: int = 0
+    max_seconds: float = 0.0
+    seed: int = 1337
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not self.base:
+            raise LlamalabError("sft: give the base model folder, --base CHECKPOINT")
+        if not self.data:
+            raise LlamalabError("sft: give the data, --data FILE (Alpaca or ShareGPT JSON/JSONL)")
+        if self.template and self.template not in TEMPLATES:
+            raise LlamalabError(f"--template: unknown {self.template!r}; choose one of {', '.join(TEMPLATES)}")
+        for name in ("batch_size",):
+            if getattr(self, name) <= 0:
+                raise LlamalabError(f"sft: --{name.replace('_', '-')} must be > 0")
+        if self.epochs <= 0 and not self.steps:
+            raise LlamalabError("sft: --epochs must be > 0 (or give --steps)")
+        self.lora.validate()
+
+
+def plan_steps(cfg: Config, n_rows: int) -> tuple[int, int, int]:
+    """(batch rows, steps per epoch, total steps)."""
+    g = min(cfg.batch_size, n_rows)
+    per_epoch = math.ceil(n_rows / g)
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    return g, per_epoch, steps
+
+
+def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_epoch: int, micro: int,
+                  pad_id: int, seed: int):
+    """``batch(b)``: global batch b = rows of epoch b // per_epoch in that epoch's shuffled order
+    (a pure function of b, so resume and rollback replay exactly)."""
+
+    def batch(b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, j = divmod(b, per_epoch)
+        order = list(range(len(rows)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        picked = [rows[i] for i in order[j * g:(j + 1) * g]]
+        return [collate(examples, picked[k:k + micro], pad_id) for k in range(0, len(picked), micro)]
+
+    return batch
+
+
+def loss_curve(run: Path) -> dict[str, Any]:
+    path = run / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+    losses = [r["loss"] for r in rows]
+    if not losses:
+        return {}
+    k = max(1, len(losses) // 10)
+    return {"first": losses[0], "last": losses[-1], "first_10pct_mean": sum(losses[:k]) / k,
+            "last_10pct_mean": sum(losses[-k:]) / k, "steps": len(losses)}
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlamalabError("sft runs in one process for now (no torchrun); use one GPU or the CPU")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    base = Path(cfg.base)
+    model, meta = load_model(base)
+    tok_path = base / "tokenizer.model"
+    if not tok_path.exists():
+        raise LlamalabError(f"{base}: no tokenizer.model (SFT needs the SentencePiece tokenizer of the base)")
+    from llamalab.tokenizer import Tokenizer
+
+    tok = Tokenizer(tok_path)
+    template = resolve_template(meta, cfg.template or None)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise LlamalabError(f"--seq-len {seq_len} exceeds the model's context ({model.cfg.max_seq_len})")
+
+    t0 = time.perf_counter()
+    examples, ledger = load_sft_data(cfg.data, cfg.format, template, tok, seq_len, cfg.overlong, cfg.on_error,
+                                     limit=cfg.limit)
+    print0(f"sft data: {ledger.summary()} ({time.perf_counter() - t0:.1f}s)")
+    for e in ledger.errors[:5]:
+        print0(f"  dropped {e}")
+    if not examples:
+        raise LlamalabError(f"sft: no usable examples in {', '.join(cfg.data)} (see the counts above)")
+    rows = pack_rows(examples, seq_len, cfg.packing, cfg.seed)
+    fill = ledger.tokens / (len(rows) * seq_len)
+    g, per_epoch, steps = plan_steps(cfg, len(rows))
+    micro = cfg.micro_batch_size or min(g, 8)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run / "sft_data.json", {**ledger.to_json(), "rows": len(rows), "seq_len": seq_len,
+                                              "packing": cfg.packing, "fill": fill, "template": template})
+
+    seed_everything(cfg.seed)
+    n_trainable = model.num_params()
+    if cfg.lora.rank:
+        n_trainable = apply_lora(model, cfg.lora)
+    model.to(device)
+    lr = cfg.lr or (LORA_LR if cfg.lora.rank else FULL_LR)
+    optim = OptimConfig(lr=lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+    optimizer = build_optimizer(model, optim, lr)
+    pad_id = tok.pad_id if tok.pad_id >= 0 else tok.eos_id
+    settings = LoopSettings(
+        name="sft", run_dir=run, steps=steps, peak_lr=lr, warmup=max(1, round(cfg.warmup_ratio * steps)),
+        min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
+        keep_last=cfg.keep_last, stop_after=cfg.stop_after, max_seconds=cfg.max_seconds, resume=cfg.resume,
+        guard=cfg.guard)
+    trainer = Trainer(model, optimizer, settings, make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed),
+                      run_cfg=to_dict(cfg), tokenizer_path=tok_path, autocast=autocast_for(device, dtype),
+                      loss_fn=sft_loss, model_extra={"chat_template": template})
+    trainer.restore()
+    mode = f"LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
+    print0(f"sft: {base} | {mode}, {n_trainable:,} trainable params | template {template} | {len(rows)} rows of "
+           f"<= {seq_len} tokens ({fill:.0%} filled, {'packed' if cfg.packing else 'unpacked'}) | {steps} steps x "
+           f"{g} rows (micro {micro}) = {steps / per_epoch:.2f} epochs | lr {lr:g} cosine, wd {cfg.weight_decay} | "
+           f"{device} {str(dtype).replace('torch.', '')}")
+    t_fit = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t_fit
+    return finish(cfg, run, model, meta, tok_path, template, ledger, result, seconds, base)
+
+
+def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path: Path, template: str, ledger,
+           result: dict[str, Any], seconds: float, base: Path) -> dict[str, Any]:
+    """Write model/ (merged) and adapter/, print the end summary."""
+    curve = loss_curve(run)
+    summary = {**result, "data": ledger.to_json(), "loss_curve": curve, "template": template}
+    if result["steps"] < result["planned_steps"]:
+        print0(f"sft: stopped at step {result['steps']}/{result['planned_steps']}; continue with --resume "
+               f"(no model/ written yet)")
+        return summary
+    base_info = {"path": str(base.resolve()), "weights_sha256": sha256_file(base / "model.safetensors")}
+    if cfg.lora.rank:
+        summary["adapter"] = str(save_adapter(run / "adapter", model, cfg.lora, base_info))
+        merge_lora(model)
+    extra = {"chat_template": template, "sft": {"base": base_info, "data": [str(p) for p in cfg.data],
+                                                "format": cfg.format, "lora": to_dict(cfg.lora) if cfg.lora.rank else None,
+                                                "steps": result["steps"], "loss_curve": curve},
+             **{k: meta[k] for k in ("tokenizer",) if k in meta}}
+    summary["model"] = str(save_model(run / "model", model.cpu().float(), tok_path, extra))
+    write_json_atomic(run / "sft_summary.json", summary)
+    lc = (f"loss {curve['first']:.3f} -> {curve['last']:.3f} (mean of first/last 10% of steps "
+          f"{curve['first_10pct_mean']:.3f} -> {curve['last_10pct_mean']:.3f})") if curve else "no steps run"
+    print0(f"sft: done | {ledger.read} records, {ledger.kept} kept, {sum(ledger.dropped.values())} dropped "
+           f"{dict(ledger.dropped) or ''} | {ledger.loss_tokens:,} assistant tokens of {ledger.tokens:,} | {lc} | "
+           f"{result['steps']} steps in {seconds:.1f}s | model {summary['model']}"
+           + (f" | adapter {summary['adapter']}" if "adapter" in summary else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    from llamalab.cli import stage_main
+
+    stage_main(Config, main)
