@@ -1,0 +1,91 @@
+import math
+import random
+
+import pytest
+
+from llamalab.data import filters as F
+
+
+def test_language_id_on_real_text(botchan_paragraphs):
+    assert F.language_filter(botchan_paragraphs[5]) is None
+    assert F.detect_language(botchan_paragraphs[5])[0] == "en"
+    fr = "Le petit chat est monté sur le toit de la maison, et il refuse maintenant de redescendre."
+    assert F.language_filter(fr) == "lang:fr"
+    assert F.language_filter(fr, languages=["en", "fr"]) is None
+    assert F.language_filter("hi") == "lang:too_short"
+
+
+def test_gopher_keeps_real_prose(botchan_paragraphs):
+    kept = sum(F.gopher_filter(p) is None for p in botchan_paragraphs)
+    assert kept / len(botchan_paragraphs) > 0.9
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("the cat and the dog " * 5, "gopher:too_few_words"),
+    ("extraordinarily " * 60 + "the and of to " * 3, "gopher:mean_word_length"),
+    ("the garden #tag and sunlight to water " * 10, "gopher:symbol_ratio"),
+    ("\n".join(["- the item and the thing to buy"] * 20), "gopher:bullet_lines"),
+    ("\n".join(["the story of the old man and his loyal dog..."] * 20), "gopher:ellipsis_lines"),
+    ("1234 5678 9012 3456 the garden and of " * 10, "gopher:non_alpha_words"),
+    ("cats like fish very much indeed " * 20, "gopher:stop_words"),
+])
+def test_gopher_rules_each_fire(text, reason):
+    assert F.gopher_filter(text) == reason
+
+
+def test_c4_line_rules():
+    page = ("Welcome to my page about gardens.\n"
+            "Please enable JavaScript to view this site.\n"
+            "We use cookies to improve your experience.\n"
+            "Home | About | Contact\n"
+            "Tomatoes need full sun and regular watering in summer.\n"
+            "Ok.\n")
+    text, dropped = F.c4_lines(page)
+    assert text.splitlines() == ["Welcome to my page about gardens.",
+                                 "Tomatoes need full sun and regular watering in summer."]
+    assert dropped == {"c4:javascript": ["Please enable JavaScript to view this site."],
+                       "c4:cookie": ["We use cookies to improve your experience."],
+                       "c4:no_terminal_punct": ["Home | About | Contact"],
+                       "c4:short_line": ["Ok."]}
+
+
+def test_c4_doc_rules():
+    prose = "The garden is green. The sun is out. We planted beans. It rained."
+    assert F.c4_doc_filter(prose) is None
+    assert F.c4_doc_filter("Lorem ipsum dolor sit amet. " + prose) == "c4:lorem_ipsum"
+    assert F.c4_doc_filter(prose + " function f() { return 1; }") == "c4:curly_brace"
+    assert F.c4_doc_filter("One sentence only.") == "c4:too_few_sentences"
+
+
+def test_ngram_lm_prefers_real_text(wiki_texts, botchan_paragraphs):
+    lm = F.NgramLM().fit(wiki_texts[:30])
+    held_out = wiki_texts[35]
+    shuffled_words = held_out.split()
+    random.Random(0).shuffle(shuffled_words)
+    assert lm.perplexity(held_out) < 0.5 * lm.perplexity(" ".join(shuffled_words))
+    # a probability distribution: p(w|u,v) over the vocabulary plus <unk> sums to 1
+    u, v = "<s>", "the"
+    total = sum(lm.prob(u, v, w) for w in lm.c1) + lm.prob(u, v, "zzz-unseen-word")
+    assert math.isclose(total, 1.0, rel_tol=1e-9)
+
+
+def test_perplexity_buckets_split_by_quantile(wiki_texts, botchan_paragraphs, tmp_path):
+    lm = F.NgramLM().fit(wiki_texts[:30])
+    ppl = [lm.perplexity(p) for p in botchan_paragraphs]
+    cut = F.bucket_cutoffs(ppl)
+    buckets = [F.perplexity_bucket(p, cut) for p in ppl]
+    for b in ("head", "middle", "tail"):
+        assert abs(buckets.count(b) / len(buckets) - 1 / 3) < 0.05
+    lm.save(tmp_path / "lm.pkl")
+    assert F.NgramLM.load(tmp_path / "lm.pkl").perplexity(botchan_paragraphs[0]) == pytest.approx(ppl[0])
+
+
+def test_reference_classifier_separates_wiki_from_fiction(wiki_texts, botchan_paragraphs, tmp_path):
+    wiki_paras = [p for t in wiki_texts for p in t.split("\n\n") if len(p.split()) >= 40]
+    pos_train, pos_test = wiki_paras[::2], wiki_paras[1::2]
+    neg_train, neg_test = botchan_paragraphs[::2], botchan_paragraphs[1::2]
+    clf = F.ReferenceClassifier(n_bits=16).fit(pos_train, neg_train)
+    correct = sum(clf.score(p) >= 0.5 for p in pos_test) + sum(clf.score(p) < 0.5 for p in neg_test)
+    assert correct / (len(pos_test) + len(neg_test)) > 0.9
+    clf.save(tmp_path / "clf.npz")
+    assert F.ReferenceClassifier.load(tmp_path / "clf.npz").score(pos_test[0]) == pytest.approx(clf.score(pos_test[0]))
