@@ -9,6 +9,17 @@
                            NumPy RNG states, optimizer hyper-parameters, the run config
     checksums.json         sha256 of every file above (model/ files included)
 
+A sharded run (FSDP2) writes ``dcp/`` (``torch.distributed.checkpoint``: every rank writes its own
+shards of the weights and AdamW moments, in parallel, with a metadata file of global shapes)
+instead of ``optimizer.safetensors``; ``model/`` is still written (gathered to rank 0, one tensor
+at a time on the CPU) so every checkpoint stays a loadable model folder. Resume re-shards: a
+``dcp/`` checkpoint loads into any world size, sharded or not, and a single-file checkpoint loads
+into a sharded model (each rank keeps its slices). Trade-off: the gathered ``model/`` costs rank 0
+one full copy of the weights in host RAM and time at each save; for 70B-class runs one would keep
+only ``dcp/`` and export at the end.
+NOTE: only rank 0's RNG states are saved; the training step draws no random numbers (no dropout),
+so this only matters to code that does.
+
 A checkpoint is written under ``step_000100.tmp-<pid>`` and renamed when complete; a folder
 without a valid ``checksums.json`` (a crash mid-write, a truncated copy) is skipped on resume for
 the newest one that verifies, with a message. All checkpoints are kept by default (LLM360).
@@ -27,10 +38,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from llamalab.checkpoint import load_into, load_state, model_state_for_save, save_model
 from llamalab.common import LlamalabError, print0, read_json, sha256_file, write_json_atomic
+from llamalab.train.fsdp import is_sharded
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
@@ -43,16 +56,17 @@ class TrainState:
     skip_batches: tuple[int, ...] = ()  # batches never to read again (spike / NaN rollbacks)
     best_val_loss: float | None = None
     guard: tuple[float, ...] = ()  # recent accepted losses (the spike guard's window)
+    grad_scaler: dict | None = None  # fp16 loss scaler state (scale, growth tracker)
 
     def to_json(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "batch_index": self.batch_index,
                 "skip_batches": list(self.skip_batches), "best_val_loss": self.best_val_loss,
-                "guard": list(self.guard)}
+                "guard": list(self.guard), "grad_scaler": self.grad_scaler}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainState":
         return cls(d["step"], d["tokens_seen"], d["batch_index"], tuple(d.get("skip_batches", ())),
-                   d.get("best_val_loss"), tuple(d.get("guard", ())))
+                   d.get("best_val_loss"), tuple(d.get("guard", ())), d.get("grad_scaler"))
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -115,20 +129,65 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 # ----------------------------------------------------------------------------- save / load
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _shared_tmp_dir(final: Path) -> Path:
+    """A temporary folder name all ranks agree on (rank 0's pid)."""
+    pid = [os.getpid()]
+    if _distributed():
+        dist.broadcast_object_list(pid, src=0)
+    return final.with_name(f"{final.name}.tmp-{pid[0]}")
+
+
+def _full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank takes part; rank 0 gets the full fp32 CPU weights (tied output dropped)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if model.cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
 def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainState, run_config: dict[str, Any], tokenizer_path: str | Path | None = None,
                     model_extra: dict[str, Any] | None = None) -> Path:
-    """Write ``root/step_XXXXXX`` atomically; returns its path."""
+    """Write ``root/step_XXXXXX`` atomically; returns its path.
+
+    Plain or DDP model: called on rank 0 only. Sharded (FSDP) model: a collective, called on every
+    rank (they write ``dcp/`` together; rank 0 writes the rest and renames).
+    """
     root = Path(root)
     final = step_dir(root, state.step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    sharded = is_sharded(model)
+    tmp = _shared_tmp_dir(final) if sharded else root / f"{final.name}.tmp-{os.getpid()}"
+    rank0 = not sharded or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if sharded:
+        _barrier()
+        _save_sharded(tmp, model, optimizer)
+        weights = _full_model_state(model)
+    else:
+        weights = model_state_for_save(model)
+    if not rank0:
+        _barrier()  # rank 0 finishes the folder
+        return final
     save_model(tmp / "model", model, tokenizer_path=tokenizer_path,
                extra={"step": state.step, "tokens_seen": state.tokens_seen, **(model_extra or {})},
-               state=model_state_for_save(model))
-    opt_t, opt_meta = optimizer_tensors(optimizer)
-    save_file(opt_t, str(tmp / "optimizer.safetensors"))
+               state=weights)
+    opt_meta: dict[str, Any] = {"format": "dcp"}
+    if not sharded:
+        opt_t, opt_meta = optimizer_tensors(optimizer)
+        save_file(opt_t, str(tmp / "optimizer.safetensors"))
     rng_t, rng_meta = rng_state()
     save_file(rng_t, str(tmp / "rng.safetensors"))
     write_json_atomic(tmp / "state.json", {**state.to_json(), "rng": rng_meta, "optimizer": opt_meta,
@@ -138,7 +197,68 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.o
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    if sharded:
+        _barrier()
     return final
+
+
+def _save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / "dcp"))
+
+
+def _load_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load ``dcp/`` into a model of any world size, sharded or not (DCP re-slices on read)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    if optimizer is None:
+        msd = get_model_state_dict(model)
+        dcp.load({"model": msd}, checkpoint_id=str(folder))
+        set_model_state_dict(model, msd)
+        return
+    msd, osd = get_state_dict(model, optimizer)  # NOTE: initialises empty AdamW state so it can be filled
+    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+
+
+def _load_full_into_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                            meta: dict[str, Any]) -> None:
+    """A single-file checkpoint into a sharded model: each rank reads it all and keeps its slices."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    sd = load_state(folder / "model" / "model.safetensors")
+    if model.cfg.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    opts = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_model_state_dict(model, sd, options=opts)
+        return
+    osd = fqn_optimizer_state(model, optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=sd, optim_state_dict=osd, options=opts)
+
+
+def fqn_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                        meta: dict[str, Any]) -> dict[str, Any]:
+    """Our id-keyed optimizer tensors -> the parameter-name-keyed form of ``set_state_dict``.
+
+    Ids number the optimizer's parameters in group order, which is the model's parameter order
+    whatever the wrapping (FSDP2 swaps parameters in place, keeping their order).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state: dict[str, dict] = {}
+    for key, t in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(order[int(pid)], {})[k] = t
+    for pid, kv in meta.get("scalars", {}).items():
+        state.setdefault(order[int(pid)], {}).update(kv)
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -177,14 +297,23 @@ def latest_good_checkpoint(root: str | Path, on_bad=None) -> Path | None:
 
 def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     restore_rng: bool = True) -> tuple[TrainState, dict[str, Any]]:
-    """Verify and load a checkpoint into ``model`` (and ``optimizer``); returns its state and config."""
+    """Verify and load a checkpoint into ``model`` (and ``optimizer``); returns its state and config.
+
+    Plain, DDP-unwrapped or sharded ``model``; with a sharded one (or a ``dcp/`` checkpoint) every
+    rank must call this.
+    """
     folder = Path(folder)
     verify_checkpoint(folder)
     meta = read_json(folder / "state.json", what="checkpoint state")
-    sd = load_state(folder / "model" / "model.safetensors")
-    load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / "model"))
-    if optimizer is not None:
-        load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+    if (folder / "dcp").is_dir():
+        _load_dcp(folder / "dcp", model, optimizer)
+    elif is_sharded(model):
+        _load_full_into_sharded(folder, model, optimizer, meta)
+    else:
+        sd = load_state(folder / "model" / "model.safetensors")
+        load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / "model"))
+        if optimizer is not None:
+            load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
     if restore_rng:
         set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
     return TrainState.from_json(meta), meta.get("config", {})

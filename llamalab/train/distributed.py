@@ -32,10 +32,13 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     rank, local_rank, world = dist_info()
     if world == 1 or (dist.is_available() and dist.is_initialized()):
         return rank, local_rank, world
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK") if k not in os.environ]
     if missing:
         raise LlamalabError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun "
                             f"(torchrun --nproc-per-node N -m llamalab.train.pretrain ...)")
+    if not 0 <= rank < world or not 0 <= local_rank < world:
+        raise LlamalabError(f"RANK={rank} / LOCAL_RANK={local_rank} out of range for WORLD_SIZE={world}: "
+                            f"launch with torchrun rather than setting these by hand")
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
@@ -69,11 +72,28 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: 
     return n
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
-    """Activation checkpointing, optional compile, then DDP/FSDP by ``cfg.strategy``."""
+def resolve_strategy(cfg: ParallelConfig, world: int) -> str:
+    """``auto`` -> ddp when launched with several processes, else none; validates the name."""
+    if cfg.strategy not in ("auto", "none", "ddp", "fsdp"):
+        raise LlamalabError(f"parallel.strategy must be auto, none, ddp or fsdp, got {cfg.strategy!r}")
+    if cfg.strategy == "auto":
+        return "ddp" if world > 1 else "none"
+    if cfg.strategy == "none" and world > 1:
+        raise LlamalabError(f"parallel.strategy=none with {world} processes would train {world} diverging "
+                            f"copies: use ddp or fsdp (or auto)")
+    return cfg.strategy if world > 1 else "none"
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Activation checkpointing, optional compile, then DDP/FSDP by ``cfg.strategy``.
+
+    ``param_dtype``: FSDP's compute dtype on GPU (bf16/fp16 all-gathers, fp32 reductions).
+    NOTE: with fsdp the parameters change identity (DTensors): build the optimizer afterwards.
+    """
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp" if world > 1 else "none")
+    strategy = resolve_strategy(cfg, world)
     if cfg.compile:
         for block in model.layers:
             block.compile()
@@ -86,8 +106,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> 
     if strategy == "fsdp":
         from llamalab.train.fsdp import apply_fsdp
 
-        return apply_fsdp(model, device)
-    raise LlamalabError(f"parallel.strategy must be auto, none, ddp or fsdp, got {strategy!r}")
+        return apply_fsdp(model, device, param_dtype)
+    raise AssertionError(strategy)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -8,7 +8,13 @@ Loss normalisation: the loss is a sum over target tokens divided by the number o
 in the *global* batch (all micro-batches, all ranks), so that accumulation and data parallelism give
 the same gradient as one big batch, also when loss masks leave different numbers of tokens per
 micro-batch (SFT). DDP averages gradients over ranks, hence the ``world_size`` factor.
-NOTE: under DDP only the last micro-batch synchronises gradients (``no_sync`` on the others).
+NOTE: only the last micro-batch synchronises gradients: DDP's ``no_sync`` and FSDP2's
+``set_requires_gradient_sync(False)`` on the others (FSDP then keeps unsharded fp32 gradients
+between micro-steps: more memory, one reduce-scatter per step instead of one per micro-batch).
+
+fp16 (OPT's recipe): a ``GradScaler`` multiplies the loss by a dynamic scale before backward;
+``clip_and_step`` unscales, clips, and skips the update when any gradient overflowed (the scale
+then halves; it doubles after ``growth_interval`` clean steps). bf16 and fp32 need no scaler.
 """
 
 from __future__ import annotations
@@ -49,10 +55,20 @@ def _global_count(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """A context in which backward does (``sync``) or does not all-reduce/reduce-scatter gradients."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: a flag, not a context
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
 def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                      loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                     ) -> StepResult:
+                     scaler: "torch.amp.GradScaler | None" = None) -> StepResult:
     """Accumulate gradients of the global-batch-mean loss over this rank's micro-batches."""
     device = next(model.parameters()).device
     local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
@@ -62,22 +78,35 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Ten
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = i == len(micro_batches) - 1
-        sync_ctx = model.no_sync() if (hasattr(model, "no_sync") and not last) else contextlib.nullcontext()
-        with sync_ctx:
+        with grad_sync(model, last):
             with autocast():
                 loss_sum = loss_fn(model, x, y) if loss_fn is not None else token_loss_sum(model(x), y)
-            (loss_sum * scale).backward()
+            loss = loss_sum.float() * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()
     if _world() > 1:
         dist.all_reduce(total)
     return StepResult(loss=float(total) / max(n_global, 1), n_tokens=n_global)
 
 
-def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
-    """Clip gradients to ``grad_clip`` (0 = off), step, and clear gradients; returns the pre-clip norm."""
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
+                  scaler: "torch.amp.GradScaler | None" = None) -> float:
+    """Clip gradients to ``grad_clip`` (0 = off), step, and clear gradients; returns the pre-clip norm.
+
+    With a ``scaler`` the gradients are unscaled first, and the step is skipped (the norm is then
+    inf or nan) when any overflowed; the scaler's scale is updated either way.
+    """
     params = [p for p in model.parameters() if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding partial norms
+        norm = norm.full_tensor()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 

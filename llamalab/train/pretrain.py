@@ -31,9 +31,9 @@ from llamalab.common import (LlamalabError, git_sha, is_rank0, measure_matmul_pe
                              resolve_device, resolve_dtype, seed_everything, sha256_file, write_json_atomic)
 from llamalab.config import to_dict
 from llamalab.data.shards import MANIFEST, TokenDataset, load_manifest, val_batches
-from llamalab.model.config import ModelConfig, flops_per_token, get_preset
+from llamalab.model.config import ModelConfig, flops_per_token, get_preset, num_params
 from llamalab.model.transformer import Transformer
-from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize
+from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize, resolve_strategy
 from llamalab.train.loop import evaluate_loss, split_micro
 from llamalab.train.optim import OptimConfig, build_optimizer, effective_warmup
 from llamalab.train.stability import GuardConfig
@@ -134,6 +134,41 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
+def build_parallel_model(model_cfg: ModelConfig, pcfg: ParallelConfig, device: torch.device, dtype: torch.dtype,
+                         seed: int, world: int) -> tuple[torch.nn.Module, Any]:
+    """The model, initialised with ``seed`` and wrapped for ``pcfg``; and the autocast to train it under.
+
+    FSDP builds on the meta device, shards, then draws each rank's slices (same weights as an
+    unsharded init); on GPU its mixed-precision policy replaces autocast (bf16/fp16 all-gathers,
+    fp32 gradient reduction). DDP and single-process runs build the full model and use autocast.
+    """
+    strategy = resolve_strategy(pcfg, world)
+    if strategy == "fsdp":
+        from llamalab.train.fsdp import init_sharded_weights
+
+        with torch.device("meta"):
+            model = Transformer(model_cfg)
+        mp = device.type == "cuda" and dtype != torch.float32
+        model = parallelize(model, pcfg, device, param_dtype=dtype if mp else None)
+        init_sharded_weights(model, device, seed)
+        return model, (contextlib.nullcontext if mp else autocast_for(device, dtype))
+    model = Transformer(model_cfg)
+    model.init_weights(seed=seed)
+    model.to(device)
+    return parallelize(model, pcfg, device), autocast_for(device, dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype, strategy: str) -> torch.amp.GradScaler | None:
+    """fp16 only: dynamic loss scaling (OPT); sharded runs agree on overflows across ranks."""
+    if dtype != torch.float16:
+        return None
+    if strategy == "fsdp":
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type)
+    return torch.amp.GradScaler(device.type)
+
+
 def write_meta(run: Path, cfg: Config, plan: Plan, data_root: Path, extra: dict[str, Any]) -> dict:
     meta = {
         "config": to_dict(cfg), "model": dataclasses.asdict(plan.model_cfg),
@@ -190,10 +225,10 @@ def main(cfg: Config) -> dict[str, Any]:
         write_json_atomic(run / "data" / MANIFEST, train.manifest)
 
     seed_everything(cfg.seed)
-    model = Transformer(plan.model_cfg)
-    model.init_weights(seed=cfg.seed)
-    model.to(device)
+    strategy = resolve_strategy(cfg.parallel, world)
+    model, autocast = build_parallel_model(plan.model_cfg, cfg.parallel, device, dtype, cfg.seed, world)
     optimizer = build_optimizer(model, cfg.optim, plan.peak_lr)
+    scaler = make_grad_scaler(device, dtype, strategy)
     peak = cfg.peak_flops or measure_matmul_peak(device, torch.float32 if dtype == torch.float32 else dtype)
     fpt = flops_per_token(plan.model_cfg, plan.seq_len)
     per_rank = plan.global_seqs // world
@@ -209,17 +244,19 @@ def main(cfg: Config) -> dict[str, Any]:
         eval_interval=cfg.eval_interval, stop_after=cfg.stop_after, max_seconds=cfg.max_seconds, resume=cfg.resume,
         tensorboard=cfg.tensorboard, fault_nan_steps=tuple(cfg.fault_nan_steps), guard=cfg.guard)
     trainer = Trainer(model, optimizer, settings, batch, run_cfg=to_dict(cfg), tokenizer_path=tok_path,
-                      autocast=autocast_for(device, dtype),
-                      eval_fn=lambda m, ac: evaluate_loss(m, val_batches(val, plan.micro, cfg.eval_batches), ac))
+                      autocast=autocast,
+                      eval_fn=lambda m, ac: evaluate_loss(m, val_batches(val, plan.micro, cfg.eval_batches), ac),
+                      scaler=scaler)
     trainer.restore()
-    write_meta(run, cfg, plan, data_root, {"world_size": world, "device": str(device), "dtype": str(dtype),
-                                           "peak_flops": peak, "flops_per_token": fpt, "n_params": model.num_params()})
-    trainer.model = parallelize(model, cfg.parallel, device)
-    print0(f"pretrain: {plan.model_cfg.n_layers}L/{plan.model_cfg.dim}d, {model.num_params():,} params | "
+    n_params = num_params(plan.model_cfg)
+    write_meta(run, cfg, plan, data_root, {"world_size": world, "strategy": strategy, "device": str(device),
+                                           "dtype": str(dtype), "peak_flops": peak, "flops_per_token": fpt,
+                                           "n_params": n_params})
+    print0(f"pretrain: {plan.model_cfg.n_layers}L/{plan.model_cfg.dim}d, {n_params:,} params | "
            f"{plan.steps} steps x {plan.global_seqs} seqs x {plan.seq_len} tokens "
            f"(micro {plan.micro} x accum {plan.accum} x world {world}) | {train.n_windows:,} train windows "
            f"= {train.epochs_for(plan.steps, plan.global_seqs):.2f} epochs | lr {plan.peak_lr:g}, warmup {plan.warmup} | "
-           f"{device} {str(dtype).replace('torch.', '')}")
+           f"{device} {str(dtype).replace('torch.', '')} | {strategy}")
     return trainer.fit()
 
 if __name__ == "__main__":

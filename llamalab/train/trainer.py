@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from llamalab.common import LlamalabError, Progress, is_rank0, print0
 from llamalab.train.checkpoint import (TrainState, latest_good_checkpoint, list_checkpoints, load_checkpoint,
                                        save_checkpoint)
 from llamalab.train.distributed import unwrap
+from llamalab.train.fsdp import is_sharded
 from llamalab.train.loop import clip_and_step, forward_backward
 from llamalab.train.optim import lr_at, set_lr
 from llamalab.train.stability import GuardConfig, Logbook, LossGuard
@@ -107,7 +109,8 @@ class Trainer:
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  eval_fn: Callable[[torch.nn.Module, Callable], float | None] | None = None,
                  loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 model_extra: dict[str, Any] | None = None) -> None:
+                 model_extra: dict[str, Any] | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.model = model  # may be replaced by a parallel wrapper before fit()
         self.optimizer = optimizer
         self.s = settings
@@ -118,6 +121,7 @@ class Trainer:
         self.eval_fn = eval_fn
         self.loss_fn = loss_fn
         self.model_extra = model_extra or {}
+        self.scaler = scaler  # fp16 dynamic loss scaling (None: bf16/fp32)
         self.run = Path(settings.run_dir)
         self.ckpt_root = self.run / "checkpoints"
         self.state = TrainState()
@@ -156,13 +160,19 @@ class Trainer:
         self.state, self._old_cfg = load_checkpoint(folder, unwrap(self.model), self.optimizer)
         self.state.skip_batches = tuple(sorted(set(self.state.skip_batches) | skips))
         self.guard.load_state_dict(list(self.state.guard))
+        if self.scaler is not None and self.state.grad_scaler:
+            self.scaler.load_state_dict(self.state.grad_scaler)
 
     def save(self) -> Path | None:
+        """Checkpoint now. NOTE: a collective: every rank calls it (FSDP ranks all write shards)."""
         path = None
-        if is_rank0():
-            state = dataclasses.replace(self.state, guard=tuple(self.guard.state_dict()))
+        sharded = is_sharded(self.model)
+        if is_rank0() or sharded:
+            state = dataclasses.replace(self.state, guard=tuple(self.guard.state_dict()),
+                                        grad_scaler=self.scaler.state_dict() if self.scaler is not None else None)
             path = save_checkpoint(self.ckpt_root, unwrap(self.model), self.optimizer, state, self.run_cfg,
                                    self.tokenizer_path, model_extra={"run": str(self.run), **self.model_extra})
+        if is_rank0():
             if self.s.keep_last:
                 for old in list_checkpoints(self.ckpt_root)[:-self.s.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -211,7 +221,7 @@ class Trainer:
             lr = lr_at(st.step, s.peak_lr, s.warmup, s.steps, s.min_lr_ratio)
             set_lr(self.optimizer, lr)
             t0 = time.perf_counter()
-            res = forward_backward(self.model, micro, self.autocast, self.loss_fn)
+            res = forward_backward(self.model, micro, self.autocast, self.loss_fn, self.scaler)
             loss = res.loss
             if st.step + 1 in s.fault_nan_steps and st.step + 1 not in drilled:
                 drilled.add(st.step + 1)  # a drill fires once per step, so the retry can succeed
@@ -221,7 +231,7 @@ class Trainer:
                 self._handle_bad(kind, action, loss, b)
                 bar.n = self.state.step
                 continue
-            grad_norm = clip_and_step(self.model, self.optimizer, s.grad_clip)
+            grad_norm = clip_and_step(self.model, self.optimizer, s.grad_clip, self.scaler)
             self.guard.accept(loss)
             dt = time.perf_counter() - t0
             tokens = s.tokens_per_step or res.n_tokens
@@ -234,6 +244,9 @@ class Trainer:
             row = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": st.tokens_seen,
                    "tokens_per_s": tps, "mfu": s.flops_per_token * tps / s.peak_flops if s.peak_flops else None,
                    "batch": b, "step_time": dt, "elapsed": time.perf_counter() - t_start}
+            if self.scaler is not None:  # an overflowed fp16 step was skipped by the scaler (norm inf/nan)
+                row["loss_scale"] = float(self.scaler.get_scale())
+                row["overflow"] = not math.isfinite(grad_norm)
             if self.eval_fn is not None and s.eval_interval and (st.step % s.eval_interval == 0 or st.step == s.steps):
                 self.last_val = self.eval_fn(unwrap(self.model), self.autocast)
                 row["val_loss"] = self.last_val

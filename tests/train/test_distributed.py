@@ -1,0 +1,228 @@
+"""Distributed and memory-saving training on CPU (2 gloo processes): DDP and FSDP2 train like one
+process with the same global batch; checkpoints re-shard across world sizes (2 -> 1 and 1 -> 2)
+and training continues with the same losses; activation checkpointing changes memory, not
+results; fp16 loss scaling skips overflowed steps; launch and batch mistakes give clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llamalab.common import LlamalabError
+from llamalab.train.pretrain import main as pretrain
+from tests.conftest import run_gloo
+from tests.train.conftest import small_config
+
+# micro-batch 2 of a global batch of 8 sequences: 4 micro-steps on 1 process, 2 per rank on 2, so
+# gradient accumulation (and skipping the sync between micro-steps) is exercised both ways.
+RUN = dict(steps=4, micro_batch_size=2, checkpoint_interval=2, eval_interval=0, optim={"lr": 3e-3, "warmup_steps": 1})
+LOSS_TOL = 2e-5  # fp32: different summation orders across ranks
+# Adam divides by sqrt(v): rows with near-zero gradients turn 1e-7 differences into ~5e-5. A lost or
+# stale optimizer state, a skipped step or a wrong learning rate moves weights by ~lr = 3e-3.
+WEIGHT_TOL = 1e-4
+
+
+def _pretrain_worker(rank: int, world: int, data: str, run_dir: str, kw: dict) -> None:
+    pretrain(small_config(data, run_dir, **kw))
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def weights(run, step):
+    return load_file(str(run / f"checkpoints/step_{step:06d}/model/model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=WEIGHT_TOL, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def assert_same_losses(a: dict, b: dict, steps):
+    for s in steps:
+        assert b[s] == pytest.approx(a[s], abs=LOSS_TOL), (s, a, b)
+
+
+@pytest.fixture(scope="module")
+def single(botchan_shards, tmp_path_factory):
+    """The reference: one process, the same global batch, 4 steps (checkpoints at 2 and 4)."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    pretrain(small_config(botchan_shards, run, **RUN))
+    return run
+
+
+@pytest.fixture(scope="module")
+def fsdp2(botchan_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    run_gloo(_pretrain_worker, 2, str(botchan_shards), str(run), {**RUN, "parallel": {"strategy": "fsdp"}})
+    return run
+
+
+def test_ddp_two_processes_match_one(botchan_shards, single, tmp_path):
+    run = tmp_path / "ddp"
+    run_gloo(_pretrain_worker, 2, str(botchan_shards), str(run), {**RUN, "parallel": {"strategy": "ddp"}})
+    assert_same_losses(losses(single), losses(run), range(1, 5))
+    assert_same_weights(weights(single, 4), weights(run, 4))
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["strategy"] == "ddp" and meta["plan"]["accum"] == 2
+
+
+def test_fsdp_two_processes_match_one(single, fsdp2):
+    assert_same_losses(losses(single), losses(fsdp2), range(1, 5))
+    assert_same_weights(weights(single, 4), weights(fsdp2, 4))  # gathered from the shards into model/
+    ckpt = fsdp2 / "checkpoints/step_000004"
+    assert (ckpt / "dcp" / ".metadata").exists() and not (ckpt / "optimizer.safetensors").exists()
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    assert any(k.startswith("dcp/") and k.endswith(".distcp") for k in sums)  # shards are verified too
+
+
+def test_fsdp_checkpoint_resumes_with_one_process(botchan_shards, single, fsdp2, tmp_path):
+    run = tmp_path / "resized"
+    shutil.copytree(fsdp2, run)
+    shutil.rmtree(run / "checkpoints/step_000004")  # resume from the sharded step-2 checkpoint
+    pretrain(small_config(botchan_shards, run, resume=True, **RUN))
+    assert_same_losses(losses(single), losses(run), [3, 4])
+    assert_same_weights(weights(single, 4), weights(run, 4))
+    restart = [json.loads(x) for x in (run / "logbook.jsonl").read_text().splitlines() if '"restart"' in x]
+    assert restart and restart[-1]["step"] == 2
+
+
+def test_single_process_checkpoint_resumes_sharded(botchan_shards, single, tmp_path):
+    run = tmp_path / "grown"
+    shutil.copytree(single, run)
+    shutil.rmtree(run / "checkpoints/step_000004")
+    run_gloo(_pretrain_worker, 2, str(botchan_shards), str(run),
+             {**RUN, "resume": True, "parallel": {"strategy": "fsdp"}})
+    assert_same_losses(losses(single), losses(run), [3, 4])
+    assert_same_weights(weights(single, 4), weights(run, 4))
+
+
+def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(fsdp2, tmp_path):
+    from llamalab.train.checkpoint import latest_good_checkpoint
+
+    run = tmp_path / "corrupt"
+    shutil.copytree(fsdp2, run)
+    shard = sorted((run / "checkpoints/step_000004/dcp").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    assert latest_good_checkpoint(run / "checkpoints").name == "step_000002"
+
+
+# ----------------------------------------------------------------------------- memory savers
+
+
+def _loss_and_saved_bytes(model, tokens):
+    """Loss, gradients, and the bytes autograd keeps for backward (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    loss = loss.detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.item(), grads, sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["full", "every_k"])
+def test_activation_checkpointing_changes_memory_not_results(tiny_config, mode):
+    from llamalab.model.transformer import Transformer
+    from llamalab.train.distributed import apply_activation_checkpointing
+
+    cfg = tiny_config
+    cfg.n_layers = 4
+    plain = Transformer(cfg)
+    plain.init_weights(seed=3)
+    ac = Transformer(cfg)
+    ac.load_state_dict(plain.state_dict())
+    assert apply_activation_checkpointing(ac, mode, every=2) == (4 if mode == "full" else 2)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(0))
+    loss_a, grads_a, bytes_a = _loss_and_saved_bytes(plain, tokens)
+    loss_b, grads_b, bytes_b = _loss_and_saved_bytes(ac, tokens)
+    assert loss_a == loss_b
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], atol=1e-6, rtol=1e-5, msg=lambda m: f"{n}: {m}")
+    # full: only block inputs, the head and the loss stay; every_k: about half the blocks recompute
+    assert bytes_b < (0.5 if mode == "full" else 0.8) * bytes_a, (bytes_a, bytes_b)
+
+
+def test_fp16_loss_scaling_skips_overflowed_steps(tiny_config):
+    from llamalab.model.transformer import Transformer
+    from llamalab.train.loop import clip_and_step, forward_backward
+
+    model = Transformer(tiny_config)
+    model.init_weights(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=2)  # fp16 overflows at 2^24
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    micro = [(tokens[:, :-1], tokens[:, 1:])]
+    fp16 = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step() -> float:
+        res = forward_backward(model, micro, fp16, scaler=scaler)
+        assert res.loss == res.loss  # the loss itself stays finite: only the scaled gradients overflow
+        return clip_and_step(model, opt, 1.0, scaler)
+
+    assert not math.isfinite(step()) and scaler.get_scale() == 2.0**23  # overflow: skipped, scale halved
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    norms, scales = [], []
+    for _ in range(30):
+        norms.append(step())
+        scales.append(scaler.get_scale())
+    first_ok = next(i for i, n in enumerate(norms) if math.isfinite(n))
+    assert scales[first_ok] < 2.0**20  # it took many halvings to fit in fp16 ...
+    assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())  # ... then it trained
+    assert max(scales[first_ok:]) > scales[first_ok]  # and the scale grows again after clean steps
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_global_batch_not_divisible_is_a_clear_error(botchan_shards, tmp_path):
+    from llamalab.data.shards import TokenDataset
+    from llamalab.train.pretrain import build_model_config, make_plan
+
+    cfg = small_config(botchan_shards, tmp_path / "r", global_batch_tokens=64 * 6, micro_batch_size=2)
+    train = TokenDataset.open(botchan_shards, "train", 64)
+    model_cfg = build_model_config(cfg, train.manifest["vocab_size"])
+    assert make_plan(cfg, train, model_cfg, world=1).accum == 3
+    with pytest.raises(LlamalabError, match=r"6 sequences .* world size 2 x micro_batch_size 2"):
+        make_plan(cfg, train, model_cfg, world=2)
+
+
+def test_launch_without_master_addr_is_a_clear_error(botchan_shards, tmp_path, monkeypatch):
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(LlamalabError, match="MASTER_ADDR, MASTER_PORT not set: launch with torchrun"):
+        pretrain(small_config(botchan_shards, tmp_path / "r"))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(LlamalabError, match="RANK=5 .* out of range for WORLD_SIZE=2"):
+        pretrain(small_config(botchan_shards, tmp_path / "r"))
+
+
+def test_strategy_none_with_several_processes_is_an_error():
+    from llamalab.train.distributed import ParallelConfig, resolve_strategy
+
+    assert resolve_strategy(ParallelConfig("auto"), 2) == "ddp"
+    assert resolve_strategy(ParallelConfig("fsdp"), 1) == "none"
+    with pytest.raises(LlamalabError, match="diverging"):
+        resolve_strategy(ParallelConfig("none"), 2)
+    with pytest.raises(LlamalabError, match="strategy must be"):
+        resolve_strategy(ParallelConfig("zero3"), 2)
