@@ -57,11 +57,44 @@ def _render(code) -> str:
     return "".join(out)
 
 
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
+_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
+_HTML = re.compile(r"</?[A-Za-z][^>]*>")
+
+
+def _leftovers(text: str) -> str:
+    """Remove markup the parser left as text.
+
+    NOTE: on malformed pages (an unbalanced quote in a table attribute, stray bold quotes) the
+    parser gives up on a span and returns it as plain text; several of the first 40 shared pages
+    hit this. Regexes clean up the usual survivors: refs, tables, templates, links, bold/italics.
+    """
+    text = _REF.sub("", text)
+    for _ in range(3):
+        text = _TEMPLATE.sub("", text)
+    text = _LINK.sub(r"\1", text)
+    text = _HTML.sub("", text)
+    out, depth = [], 0
+    for line in text.splitlines():
+        s = line.lstrip()
+        if s.startswith("{|"):
+            depth += 1
+            continue
+        if depth and s.startswith("|}"):
+            depth -= 1
+            continue
+        if depth or s.startswith(("|", "!")):
+            continue
+        out.append(line)
+    return "\n".join(out).replace("'''", "").replace("''", "")
+
+
 def wikitext_to_text(markup: str) -> str:
     """Plain text of a wikitext page (no templates, refs, tables, media links or comments)."""
     import mwparserfromhell  # optional extra: llamalab[data]
 
-    text = _render(mwparserfromhell.parse(markup))
+    text = _leftovers(_render(mwparserfromhell.parse(markup)))
     lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if not re.fullmatch(r"[\W_]*", ln) or not ln]  # leftover punctuation rows
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
