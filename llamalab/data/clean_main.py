@@ -1,0 +1,92 @@
+"""Clean raw sources into deduplicated documents, with a ledger of every drop.
+
+``llamalab data clean CONFIG.json`` where the file lists the sources
+(``{"sources": [{"name": "web", "kind": "web", "inputs": ["crawl/"]}, ...], "eval_files": [...]}``;
+any other key is a setting below, and flags given on the command line win), or for one source
+``llamalab data clean --inputs DIR --kind web --source-name web``. Output: ``OUT/docs/<source>/*.jsonl``
+(the input of ``llamalab data mix``), ``OUT/stats.json`` (the ledger), ``OUT/rejects/`` with
+``--keep-rejects``. Re-running the same command resumes: finished shards are not redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamalab.common import LlamalabError, print0, read_json
+from llamalab.data.cleaning import KINDS, CleanSettings, SourceSpec, load_sources, print_summary, run_clean
+from llamalab.data.executor import EXECUTORS
+
+
+@dataclass
+class Config:
+    spec: str = field(default="", metadata={"positional": True, "help": "JSON file: {'sources': [...], settings...}"})
+    inputs: list[str] = field(default_factory=list, metadata={"help": "one source's files/folders (without CONFIG)"})
+    kind: str = field(default="text", metadata={"choices": list(KINDS), "help": "cleaner for --inputs"})
+    source_name: str = field(default="", metadata={"help": "source name for --inputs (default: the kind)"})
+    text_field: str = "text"
+    text_mode: str = field(default="file", metadata={"choices": ["file", "paragraphs", "lines"]})
+    output: str = field(default="clean", metadata={"help": "output folder"})
+    executor: str = field(default="local", metadata={"choices": list(EXECUTORS)})
+    workers: int = field(default=1, metadata={"help": "local processes"})
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    line_dedup: bool = True
+    reference: list[str] = field(default_factory=list, metadata={"help": "reference corpus (wiki dump or text) "
+                                                                          "for the perplexity LM and classifier"})
+    calib_docs: int = 500
+    drop_buckets: list[str] = field(default_factory=lambda: ["tail"])
+    min_reference_score: float = 0.5
+    eval_files: list[str] = field(default_factory=list, metadata={"help": "evaluation sets to decontaminate against"})
+    decontam: str = field(default="drop", metadata={"choices": ["drop", "flag", "off"]})
+    decontam_n: int = 13
+    exact_dedup: bool = True
+    near_dup: bool = True
+    near_dup_threshold: float = 0.8
+    shard_docs: int = 1000
+    files_per_shard: int = 100
+    keep_rejects: bool = field(default=False, metadata={"help": "write rejected documents with their reason"})
+    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
+                                                     "help": "bad input lines: stop with file:line, or count them"})
+    max_docs: int = 0
+
+
+def _resolve(cfg: Config) -> tuple[list[SourceSpec], CleanSettings]:
+    names = {f.name for f in dataclasses.fields(CleanSettings)}
+    defaults = Config()
+    if cfg.spec:
+        data = read_json(cfg.spec, what="clean config")
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+            raise LlamalabError(f"{cfg.spec}: expected an object with a 'sources' list")
+        for k, v in data.items():
+            if k == "sources":
+                continue
+            if not hasattr(cfg, k):
+                raise LlamalabError(f"{cfg.spec}: unknown setting {k!r}")
+            if getattr(cfg, k) == getattr(defaults, k):  # a flag given on the command line wins
+                setattr(cfg, k, v)
+        base = Path(cfg.spec).parent
+        sources = load_sources(data["sources"], cfg.spec)
+        for sp in sources:  # relative inputs are relative to the config file
+            sp.inputs = [str(p if Path(p).is_absolute() else base / p) for p in sp.inputs]
+    elif cfg.inputs:
+        sources = [SourceSpec(cfg.source_name or cfg.kind, cfg.kind, list(cfg.inputs), cfg.text_field, cfg.text_mode)]
+    else:
+        raise LlamalabError("clean: give a CONFIG file or --inputs")
+    settings = CleanSettings(**{n: getattr(cfg, n) for n in names})
+    return sources, settings
+
+
+def main(cfg: Config) -> dict:
+    sources, settings = _resolve(cfg)
+    t0 = time.perf_counter()
+    ledger = run_clean(sources, settings, cfg.output, cfg.executor, cfg.workers)
+    print_summary(ledger, time.perf_counter() - t0, Path(cfg.output))
+    return ledger.to_dict()
+
+
+if __name__ == "__main__":
+    from llamalab.cli import stage_main
+
+    stage_main(Config, main)
