@@ -34,7 +34,7 @@ from llamalab.common import LlamalabError, read_json, write_json_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
 @dataclass

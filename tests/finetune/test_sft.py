@@ -1,0 +1,109 @@
+"""End to end: a tiny model learns a handful of instructions through `llamalab sft`, and the
+result loads in the engine, `llamalab generate`, `llamalab chat` and the exporters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llamalab.checkpoint import load_model
+from llamalab.cli import main as cli
+from llamalab.finetune.sft import Config, main as sft_main
+from llamalab.inference.chat import answer
+from llamalab.inference.engine import Engine
+from llamalab.inference.sampling import SamplingParams
+
+FACTS = [
+    {"instruction": "Who is the hero?", "input": "", "output": "Botchan, a young teacher."},
+    {"instruction": "Where does he teach?", "input": "", "output": "In a school on Shikoku."},
+    {"instruction": "Who is Kiyo?", "input": "", "output": "His old servant."},
+    {"instruction": "What does he eat?", "input": "", "output": "Dumplings and tempura."},
+]
+
+
+def _answers(folder) -> list[str]:
+    engine = Engine.from_folder(folder, slots=1)
+    template = engine.meta.get("chat_template", "llama2")
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    return [answer(engine, [{"role": "user", "content": f["instruction"]}], template, params, lambda s: None).strip()
+            for f in FACTS]
+
+
+def _data(tmp_path):
+    p = tmp_path / "facts.json"
+    p.write_text(json.dumps(FACTS), encoding="utf-8")
+    return p
+
+
+def test_tiny_model_learns_instructions(tmp_path, tiny_base):
+    want = [f["output"] for f in FACTS]
+    before = _answers(tiny_base)
+    assert sum(a == w for a, w in zip(before, want)) == 0
+    cfg = Config(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", template="llama2",
+                 run_dir=str(tmp_path / "run"), steps=50, batch_size=4, lr=1e-2, checkpoint_interval=0)
+    out = sft_main(cfg)
+    assert out["steps"] == 50 and out["data"]["kept"] == 4
+    assert out["loss_curve"]["last"] < 0.1 * out["loss_curve"]["first"]
+    assert _answers(tmp_path / "run" / "model") == want
+    meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert meta["chat_template"] == "llama2" and meta["sft"]["steps"] == 50
+
+
+def test_cli_lora_end_to_end(tmp_path, tiny_base, capsys):
+    sharegpt = tmp_path / "conv.jsonl"
+    convs = [{"conversations": [{"from": "human", "value": f["instruction"]}, {"from": "gpt", "value": f["output"]}]}
+             for f in FACTS] + [{"conversations": [{"from": "human", "value": "hello?"}]}]
+    sharegpt.write_text("".join(json.dumps(c) + "\n" for c in convs), encoding="utf-8")
+    run = tmp_path / "lora_run"
+    rc = cli(["sft", "--base", str(tiny_base), "--data", str(sharegpt), "--format", "sharegpt", "--template", "chatml",
+              "--run-dir", str(run), "--steps", "30", "--batch-size", "4", "--lr", "2e-2", "--lora.rank", "8",
+              "--lora.targets", "wq,wk,wv,wo,w1,w2,w3,output", "--lora.dropout", "0"])
+    err = capsys.readouterr().err + capsys.readouterr().out
+    assert rc == 0, err
+    assert (run / "adapter" / "adapter_model.safetensors").exists()
+    data = json.loads((run / "sft_data.json").read_text())
+    assert data["dropped"] == {"no_assistant_turn": 1} and data["kept"] == 4
+    merged, meta = load_model(run / "model")
+    base, _ = load_model(tiny_base)
+    assert meta["chat_template"] == "chatml" and meta["sft"]["lora"]["rank"] == 8
+    # the merged folder equals base + adapter, and differs from the base
+    from llamalab.finetune.lora import load_adapter
+
+    load_adapter(run / "adapter", base, base_sha256=meta["sft"]["base"]["weights_sha256"])
+    x = torch.randint(0, merged.cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), base.eval()(x), atol=1e-4, rtol=1e-4)
+    assert cli(["generate", str(run / "model"), "--prompt", "Who is Kiyo?", "--max-tokens", "5",
+                "--temperature", "0"]) == 0
+    # NOTE: a rank-8 adapter on a *random* tiny base cannot memorise the answers in a few steps (the
+    # frozen norms cap the logits); the learning check is the full fine-tuning test above.
+    curve = json.loads((run / "sft_summary.json").read_text())["loss_curve"]
+    assert curve["last"] < 0.5 * curve["first"], curve
+    assert len(_answers(run / "model")) == len(FACTS)  # `llamalab chat`'s answer() runs on the folder
+
+
+def test_exporters_accept_sft_output(tmp_path, tiny_base):
+    cfg = Config(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", run_dir=str(tmp_path / "r"),
+                 steps=2, batch_size=2, checkpoint_interval=0)
+    sft_main(cfg)
+    from llamalab.interop.hf import export_folder
+
+    hf = export_folder(tmp_path / "r" / "model", tmp_path / "hf")
+    assert (hf / "config.json").exists()
+    pytest.importorskip("gguf")
+    from llamalab.interop.gguf import export_gguf_folder, load_gguf
+
+    g = export_gguf_folder(tmp_path / "r" / "model", tmp_path / "m.gguf", "f32")
+    _, kv = load_gguf(g)
+    assert kv.get("llamalab.chat_template") == "llama2"
+
+
+def test_cli_rejects_malformed_with_location(tmp_path, tiny_base, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": 3, "output": "b"}\n', encoding="utf-8")
+    rc = cli(["sft", "--base", str(tiny_base), "--data", str(bad), "--format", "alpaca",
+              "--run-dir", str(tmp_path / "x")])
+    assert rc == 2
+    assert f"{bad}:2: field 'instruction'" in capsys.readouterr().err
