@@ -1,0 +1,157 @@
+"""Mixtures: per-source weights and epochs -> one deterministic, seeded document stream.
+
+Semantics (the LLaMA table's): ``weight`` is a source's share of the *stream* and ``epochs`` the
+most passes over that source we accept. The stream's size is the largest total for which no
+source needs more than its epochs: ``total = min_i(size_i * epochs_i / weight_i)``; source i then
+contributes ``weight_i * total`` bytes, i.e. ``weight_i * total / size_i`` passes (<= epochs_i).
+Whole passes take every document once in a seeded order; a fractional pass takes a seeded prefix
+of a fresh order (a document is taken while at least half of it fits in the byte budget, so a
+source of a few huge documents, one book, lands as close to its share as whole documents allow).
+Sources are interleaved so that *every prefix* of the stream keeps the weights
+(next document from the source furthest behind its target), not just the total.
+
+Trade-offs and traps:
+- NOTE: proportions are measured in UTF-8 bytes of text, not tokens: the mixture is planned
+  before tokenization. Bytes per token differ by source (code and LaTeX tokenize worse than
+  prose), so token shares drift a little; the manifest records both planned bytes and the
+  tokens each source actually got.
+- A repeated document keeps its id in every epoch, so the shard writer's id-hash validation split
+  puts all its copies on the same side (no train/val leak through repetition).
+- Sources named in the weights but absent from the data are an error unless ``allow_missing``,
+  in which case the remaining weights are renormalised and the manifest says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from llamalab.common import LlamalabError
+from llamalab.data.readers import Document, ReadStats, expand_paths, read_documents
+
+
+@dataclass
+class SourceWeight:
+    weight: float
+    epochs: float = 1.0
+
+
+def llama_preset() -> dict[str, SourceWeight]:
+    """Table 1 of the LLaMA paper (Touvron et al. 2023): sampling proportion and epochs (1.4T tokens)."""
+    return {
+        "commoncrawl": SourceWeight(0.670, 1.10),
+        "c4": SourceWeight(0.150, 1.06),
+        "github": SourceWeight(0.045, 0.64),
+        "wikipedia": SourceWeight(0.045, 2.45),
+        "books": SourceWeight(0.045, 2.23),
+        "arxiv": SourceWeight(0.025, 1.06),
+        "stackexchange": SourceWeight(0.020, 1.03),
+    }
+
+
+PRESETS = {"llama": llama_preset}
+
+
+@dataclass
+class MixPlan:
+    total_bytes: float
+    sources: dict[str, dict] = field(default_factory=dict)  # name -> weight, epochs, size, planned bytes, passes
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": round(self.total_bytes), "sources": self.sources, "missing": self.missing}
+
+
+def plan_mixture(sizes: dict[str, int], weights: dict[str, SourceWeight], allow_missing: bool = False) -> MixPlan:
+    """Bytes per source and passes, from the sources' sizes (bytes) and the weights/epochs."""
+    missing = sorted(n for n in weights if not sizes.get(n))
+    if missing and not allow_missing:
+        raise LlamalabError(f"mixture: no data for source(s) {', '.join(missing)} (have: {', '.join(sorted(sizes)) or 'none'}); "
+                            f"rename sources, drop them from the weights, or allow missing sources")
+    extra = sorted(set(sizes) - set(weights))
+    if extra:
+        raise LlamalabError(f"mixture: source(s) {', '.join(extra)} have data but no weight")
+    present = {n: w for n, w in weights.items() if n not in missing}
+    if not present:
+        raise LlamalabError("mixture: no source with both data and a weight")
+    for n, w in present.items():
+        if w.weight <= 0 or w.epochs <= 0:
+            raise LlamalabError(f"mixture: source {n!r} needs weight > 0 and epochs > 0 (got {w.weight}, {w.epochs})")
+    norm = sum(w.weight for w in present.values())
+    total = min(sizes[n] * w.epochs / (w.weight / norm) for n, w in present.items())
+    plan = MixPlan(total, missing=missing)
+    for n, w in present.items():
+        share = w.weight / norm
+        plan.sources[n] = {"weight": round(share, 6), "max_epochs": w.epochs, "size_bytes": sizes[n],
+                           "planned_bytes": round(share * total), "passes": round(share * total / sizes[n], 4)}
+    return plan
+
+
+def _source_order(docs: list[Document], passes: float, seed: int, name: str) -> Iterator[tuple[Document, int]]:
+    """(document, epoch) for ``passes`` passes: whole passes, then a byte-budgeted seeded prefix."""
+    size = sum(len(d.text.encode("utf-8")) for d in docs)
+    budget = passes * size
+    epoch = 0
+    while budget > 0:
+        order = list(range(len(docs)))
+        random.Random(f"{seed}/{name}/{epoch}").shuffle(order)
+        for i in order:
+            n = len(docs[i].text.encode("utf-8"))
+            if budget < n / 2:  # take a document when at least half of it fits: nearest to the target
+                return
+            yield docs[i], epoch
+            budget -= n
+        epoch += 1
+
+
+def mixture_stream(docs_by_source: dict[str, list[Document]], plan: MixPlan, seed: int = 0) -> Iterator[Document]:
+    """Interleave the sources: next document from the source with the lowest emitted/planned ratio."""
+    iters = {n: _source_order(docs_by_source[n], s["passes"], seed, n) for n, s in plan.sources.items()}
+    emitted = {n: 0 for n in iters}
+    heap = [(0.0, n) for n in sorted(iters)]
+    while heap:
+        _, n = heapq.heappop(heap)
+        item = next(iters[n], None)
+        if item is None:
+            continue
+        doc, epoch = item
+        emitted[n] += len(doc.text.encode("utf-8"))
+        heapq.heappush(heap, (emitted[n] / plan.sources[n]["planned_bytes"], n))
+        yield Document(doc.id, doc.text, n, doc.provenance, {**doc.meta, "epoch": epoch})
+
+
+def load_clean_output(paths: list[str], on_error: str = "raise") -> dict[str, list[Document]]:
+    """Documents by source from ``clean`` outputs: a ``docs/`` folder (one subfolder per source),
+    the clean output folder holding it, or JSONL files (source = their folder's name)."""
+    out: dict[str, list[Document]] = {}
+    for p in paths:
+        p = Path(p)
+        if (p / "docs").is_dir():
+            p = p / "docs"
+        stats = ReadStats()
+        for d in read_documents(expand_paths([p]), on_error=on_error, stats=stats):
+            m = d.meta
+            src = m["source"] if isinstance(m.get("source"), str) else d.source
+            doc_id = m["id"] if isinstance(m.get("id"), str) else d.id
+            prov = m["provenance"] if isinstance(m.get("provenance"), str) else d.provenance
+            out.setdefault(src, []).append(Document(doc_id, d.text, src, prov, {}))
+    for docs in out.values():
+        docs.sort(key=lambda d: (d.provenance, d.id))  # NOTE: independent of file listing order
+    return out
+
+
+def parse_weights(obj: dict, where: str) -> dict[str, SourceWeight]:
+    """``{"name": weight}`` or ``{"name": {"weight": w, "epochs": e}}``."""
+    out = {}
+    for name, v in obj.items():
+        if isinstance(v, (int, float)):
+            out[name] = SourceWeight(float(v))
+        elif isinstance(v, dict) and "weight" in v:
+            out[name] = SourceWeight(float(v["weight"]), float(v.get("epochs", 1.0)))
+        else:
+            raise LlamalabError(f"{where}: weight of {name!r} must be a number or {{'weight', 'epochs'}}, got {json.dumps(v)}")
+    return out

@@ -1,0 +1,96 @@
+import json
+from collections import Counter
+
+import pytest
+
+from llamalab.common import LlamalabError
+from llamalab.data.mix_main import Config, main
+from llamalab.data.mixture import SourceWeight, llama_preset, mixture_stream, plan_mixture
+from llamalab.data.readers import Document
+
+
+def _nbytes(d: Document) -> int:
+    return len(d.text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def sources(botchan_paragraphs, wiki_texts):
+    wiki = [p for t in wiki_texts for p in t.split("\n\n") if len(p.split()) >= 30]
+    return {"books": [Document(f"b{i}", t, "books", f"botchan:{i}") for i, t in enumerate(botchan_paragraphs)],
+            "wikipedia": [Document(f"w{i}", t, "wikipedia", f"wiki:{i}") for i, t in enumerate(wiki)]}
+
+
+def test_llama_preset_table():
+    p = llama_preset()
+    assert sum(w.weight for w in p.values()) == pytest.approx(1.0)
+    assert p["commoncrawl"].weight == 0.67 and p["c4"].weight == 0.15 and p["stackexchange"].weight == 0.02
+    assert p["books"].weight == 0.045 and 2.0 < p["books"].epochs < 2.5
+
+
+def test_proportions_epochs_and_determinism(sources):
+    sizes = {n: sum(map(_nbytes, d)) for n, d in sources.items()}
+    # books may be repeated twice; wikipedia once: the stream is capped by whichever runs out first
+    weights = {"books": SourceWeight(0.7, 2.0), "wikipedia": SourceWeight(0.3, 1.0)}
+    plan = plan_mixture(sizes, weights)
+    stream = list(mixture_stream(sources, plan, seed=1))
+    got = Counter()
+    for d in stream:
+        got[d.source] += _nbytes(d)
+    total = sum(got.values())
+    assert got["books"] / total == pytest.approx(0.7, abs=0.01)
+    assert max(plan.sources[n]["passes"] for n in plan.sources) <= 2.0 + 1e-9
+    binding = min(sizes, key=lambda n: sizes[n] * weights[n].epochs / weights[n].weight)
+    assert binding == "books"  # Botchan is small next to 40 Wikipedia articles
+    assert plan.sources["books"]["passes"] == pytest.approx(2.0)
+    assert plan.sources["wikipedia"]["passes"] < 1.0
+    # every prefix keeps the weights, not only the total
+    prefix = stream[: len(stream) // 5]
+    pb = sum(_nbytes(d) for d in prefix if d.source == "books") / sum(map(_nbytes, prefix))
+    assert pb == pytest.approx(0.7, abs=0.03)
+    # repeated documents keep their id, and come from a second epoch
+    epochs = Counter(d.meta["epoch"] for d in stream if d.source == "books")
+    assert epochs[0] > 0 and epochs[1] > 0
+    ids = Counter(d.id for d in stream if d.source == "books")
+    assert max(ids.values()) == 2
+    again = list(mixture_stream(sources, plan, seed=1))
+    assert [(d.id, d.meta["epoch"]) for d in again] == [(d.id, d.meta["epoch"]) for d in stream]
+    other = list(mixture_stream(sources, plan, seed=2))
+    assert [d.id for d in other] != [d.id for d in stream]
+
+
+def test_plan_errors():
+    with pytest.raises(LlamalabError, match="no data for source"):
+        plan_mixture({"books": 10}, {"books": SourceWeight(0.5), "arxiv": SourceWeight(0.5)})
+    plan = plan_mixture({"books": 10}, {"books": SourceWeight(0.5), "arxiv": SourceWeight(0.5)}, allow_missing=True)
+    assert plan.missing == ["arxiv"] and plan.sources["books"]["weight"] == 1.0
+    with pytest.raises(LlamalabError, match="have data but no weight"):
+        plan_mixture({"books": 10, "web": 5}, {"books": SourceWeight(1.0)})
+
+
+def _clean_out(tmp_path, sources):
+    for name, docs in sources.items():
+        d = tmp_path / "clean" / "docs" / name
+        d.mkdir(parents=True)
+        with open(d / "00000.jsonl", "w") as f:
+            for doc in docs:
+                f.write(json.dumps({"id": doc.id, "text": doc.text, "source": name, "provenance": doc.provenance}) + "\n")
+    return tmp_path / "clean"
+
+
+def test_mix_stage_jsonl_and_shards(tmp_path, sources, botchan_tokenizer, capsys):
+    clean = _clean_out(tmp_path, sources)
+    rec = main(Config(inputs=[str(clean)], preset="llama", allow_missing=True, output=str(tmp_path / "m1")))
+    assert set(rec["sources"]) == {"books", "wikipedia"} and "commoncrawl" in rec["missing"]
+    rows = [json.loads(x) for x in open(tmp_path / "m1" / "mixed.jsonl")]
+    share = sum(len(r["text"].encode()) for r in rows if r["source"] == "books") / sum(len(r["text"].encode()) for r in rows)
+    assert share == pytest.approx(0.5, abs=0.02)  # books and wikipedia have equal LLaMA weights
+    assert "mix:" in capsys.readouterr().out
+    m = main(Config(inputs=[str(clean)], weights={"books": 0.25, "wikipedia": 0.75}, tokenizer=str(botchan_tokenizer.path),
+                    output=str(tmp_path / "m2"), val_fraction=0.0))
+    manifest = json.loads((tmp_path / "m2" / "manifest.json").read_text())
+    assert manifest["mixture"]["sources"]["books"]["weight"] == 0.25
+    toks = manifest["tokens_by_source"]
+    assert toks["books"] / (toks["books"] + toks["wikipedia"]) == pytest.approx(0.25, abs=0.05)
+    assert m["actual_bytes"] == manifest["mixture"]["actual_bytes"]
+    with pytest.raises(LlamalabError, match="not both"):
+        main(Config(inputs=[str(clean)], preset="llama", weights={"books": 1}))
