@@ -195,6 +195,8 @@ def main(cfg: Config) -> dict[str, Any]:
     t_fit = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - t_fit
+    # NOTE: the loop's tokens/s counts target (assistant) tokens; this one counts every input token
+    result["input_tokens_per_s"] = ledger.tokens * result["steps"] / per_epoch / seconds if seconds else None
     return finish(cfg, run, model, meta, tok_path, template, ledger, result, seconds, base)
 
 
@@ -221,7 +223,8 @@ def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path:
           f"{curve['first_10pct_mean']:.3f} -> {curve['last_10pct_mean']:.3f})") if curve else "no steps run"
     print0(f"sft: done | {ledger.read} records, {ledger.kept} kept, {sum(ledger.dropped.values())} dropped "
            f"{dict(ledger.dropped) or ''} | {ledger.loss_tokens:,} assistant tokens of {ledger.tokens:,} | {lc} | "
-           f"{result['steps']} steps in {seconds:.1f}s | model {summary['model']}"
+           f"{result['steps']} steps in {seconds:.1f}s (~{result['input_tokens_per_s'] or 0:,.0f} input tokens/s, "
+           f"{result['tokens_per_s'] or 0:,.0f} trained tokens/s) | model {summary['model']}"
            + (f" | adapter {summary['adapter']}" if "adapter" in summary else ""))
     return summary
 
