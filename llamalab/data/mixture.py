@@ -132,6 +132,9 @@ def load_clean_output(paths: list[str], on_error: str = "raise") -> dict[str, li
         p = Path(p)
         if (p / "docs").is_dir():
             p = p / "docs"
+        elif (p / "plan.json").exists():
+            raise LlamalabError(f"{p}: a clean output folder without docs/: the clean run did not finish "
+                                f"(run the same 'llamalab data clean' command again to resume it)")
         stats = ReadStats()
         for d in read_documents(expand_paths([p]), on_error=on_error, stats=stats):
             m = d.meta
