@@ -144,38 +144,32 @@ def plan_shards(sources: list[SourceSpec], s: CleanSettings) -> list[dict]:
 
 
 def shard_documents(spec: SourceSpec, shard: dict, on_error: str, ledger: Ledger) -> Iterator[Document]:
-    """The shard's documents; read errors (counted under stage "read") land in the shard that
-    holds the next document, or in the file's last shard."""
+    """The shard's documents. A read error (counted under stage "read") belongs to the shard that
+    holds the next good document, or to the file's last shard, so each is counted exactly once."""
+    from collections import Counter
+
     stats = ReadStats()
-    seen_err = 0
+    seen: Counter = Counter()
     start, end = shard["start"], shard["end"]
     for i, doc in enumerate(read_source(spec, [Path(f) for f in shard["files"]], on_error, stats)):
-        n_err = sum(stats.errors.values())
         if end != -1 and i >= end:
             return
         if i >= start:
-            _count_read_errors(ledger, stats, seen_err)
-        seen_err = n_err
-        if i >= start:
+            _count_read_errors(ledger, stats, seen)
             yield doc
-    _count_read_errors(ledger, stats, seen_err)
+        seen = Counter(stats.errors)
+    _count_read_errors(ledger, stats, seen)
 
 
-def _count_read_errors(ledger: Ledger, stats: ReadStats, already: int) -> None:
-    total = sum(stats.errors.values())
-    if total <= already:
-        return
-    # NOTE: the per-reason split of the new errors is approximated from the running counter's order
-    new = total - already
-    for reason, count in stats.errors.items():
-        take = min(count, new)
-        if take <= 0:
-            continue
-        ledger.read += take
-        ledger.docs[("read", reason)] += take
-        new -= take
-    for ex in stats.error_examples[-1:]:
-        ledger._example("read", ex.rsplit(": ", 1)[-1], ex.rsplit(": ", 1)[0], "")
+def _count_read_errors(ledger: Ledger, stats: ReadStats, seen) -> None:
+    new = stats.errors - seen
+    for reason, count in sorted(new.items()):
+        ledger.read += count
+        ledger.docs[("read", reason)] += count
+    if new:
+        for ex in stats.error_examples[-sum(new.values()):]:
+            where, reason = ex.rsplit(": ", 1)
+            ledger._example("read", reason, where, "")
 
 
 # ----------------------------------------------------------------------------- models (web)

@@ -151,3 +151,15 @@ def test_config_file_and_errors(tmp_path, crawl):
     cfg.write_text(json.dumps({"sources": [], "colour": 1}))
     with pytest.raises(LlamalabError, match="unknown setting 'colour'"):
         main(Config(spec=str(cfg), output=str(tmp_path / "o4")))
+
+
+def test_read_errors_counted_once_across_range_shards(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    good = [json.dumps({"text": f"Line number {i} of a file that is long enough."}) for i in range(7)]
+    lines = [good[0], "{bad", good[1], good[2], "{bad", "\xff", good[3], good[4], good[5], good[6], "{bad"]
+    (d / "x.jsonl").write_bytes("\n".join(lines).encode("utf-8").replace("\xff".encode(), b"\xff") + b"\n")
+    led = run_clean([SourceSpec("t", "text", [str(d)])], CleanSettings(shard_docs=2, on_error="skip", near_dup=False),
+                    tmp_path / "o")
+    assert led.docs[("read", "malformed_json")] == 3 and led.docs[("read", "invalid_utf8")] == 1
+    assert led.kept == 7 and led.read == 11
