@@ -3,6 +3,7 @@ result loads in the engine, `llamalab generate`, `llamalab chat` and the exporte
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -37,7 +38,7 @@ def _data(tmp_path):
     return p
 
 
-def test_tiny_model_learns_instructions(tmp_path, tiny_base):
+def test_tiny_model_learns_instructions(tmp_path, tiny_base, monkeypatch, capsys):
     want = [f["output"] for f in FACTS]
     before = _answers(tiny_base)
     assert sum(a == w for a, w in zip(before, want)) == 0
@@ -49,6 +50,14 @@ def test_tiny_model_learns_instructions(tmp_path, tiny_base):
     assert _answers(tmp_path / "run" / "model") == want
     meta = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert meta["chat_template"] == "llama2" and meta["sft"]["steps"] == 50
+    # `llamalab chat` (stdin piped) answers with the recorded template
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who is Kiyo?\n"))
+    assert cli(["chat", str(tmp_path / "run" / "model"), "--temperature", "0", "--max-tokens", "12"]) == 0
+    assert "assistant: His old servant." in capsys.readouterr().out
+    pytest.importorskip("fastapi")
+    from llamalab.serve.api import build_server
+
+    assert build_server(Engine.from_folder(tmp_path / "run" / "model", slots=1)).template == "llama2"
 
 
 def test_cli_lora_end_to_end(tmp_path, tiny_base, capsys):
@@ -107,3 +116,17 @@ def test_cli_rejects_malformed_with_location(tmp_path, tiny_base, capsys):
               "--run-dir", str(tmp_path / "x")])
     assert rc == 2
     assert f"{bad}:2: field 'instruction'" in capsys.readouterr().err
+
+
+def test_stop_and_resume_equals_straight_run(tmp_path, tiny_base):
+    """The SFT batch order is a pure function of the step: 3 steps + stop + resume == 6 steps straight."""
+    common = dict(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", steps=6, batch_size=1,
+                  micro_batch_size=1, lr=1e-3, checkpoint_interval=0, packing=False, keep_last=0)
+    sft_main(Config(run_dir=str(tmp_path / "straight"), **common))
+    part = sft_main(Config(run_dir=str(tmp_path / "split"), stop_after=3, **common))
+    assert part["steps"] == 3 and not (tmp_path / "split" / "model").exists()
+    sft_main(Config(run_dir=str(tmp_path / "split"), resume=True, **common))
+    a, _ = load_model(tmp_path / "straight" / "model")
+    b, _ = load_model(tmp_path / "split" / "model")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
