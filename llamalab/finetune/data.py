@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from llamalab.common import LlamalabError
+from llamalab.common import LlamalabError, Progress
 from llamalab.tokenizer.chat import render
 
 FORMATS = ("alpaca", "sharegpt")
@@ -330,6 +330,7 @@ def load_sft_data(paths: Sequence[str | Path], fmt: str, template: str, tok: Any
         raise LlamalabError(f"on_error: must be raise or skip, got {on_error!r}")
     ledger = ledger or Ledger()
     out: list[Example] = []
+    bar = Progress(limit or None, "sft data", unit="records", every=5.0)
     for path in paths:
         for where, rec in iter_records(path):
             if limit and ledger.read >= limit:
@@ -339,6 +340,8 @@ def load_sft_data(paths: Sequence[str | Path], fmt: str, template: str, tok: Any
             if exs:
                 ledger.kept += 1
                 out += exs
+            bar.update(1, extra=f"{len(out)} examples")
+    bar.close()
     ledger.examples = len(out)
     ledger.tokens = sum(len(e) for e in out)
     ledger.loss_tokens = sum(sum(e.mask[1:]) for e in out)

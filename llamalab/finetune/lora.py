@@ -90,6 +90,9 @@ def _targets(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, str, n
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
     """Freeze ``model`` and add adapters in place; returns the number of trainable parameters."""
     cfg.validate()
+    if "output" in cfg.targets and getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        # NOTE: merging would untie output from the embedding, and the model folder stores only one
+        raise LlamalabError("lora.targets: 'output' is tied to the embedding in this model; leave it out")
     found = _targets(model, cfg.targets)
     if not found:
         raise LlamalabError(f"lora.targets {cfg.targets}: no such linear layers in the model")

@@ -87,3 +87,11 @@ def test_adapter_saves_and_loads_alone(tmp_path, tiny_config):
         torch.testing.assert_close(fresh.eval()(x), model(x))
     with pytest.raises(LlamalabError, match="different base"):
         load_adapter(tmp_path / "ad", Transformer(tiny_config), base_sha256="def")
+
+
+def test_tied_output_is_refused(tiny_config):
+    tiny_config.tie_embeddings = True
+    with pytest.raises(LlamalabError, match="tied"):
+        apply_lora(Transformer(tiny_config), LoRAConfig(rank=2, targets=["wq", "output"]))
+    with pytest.raises(LlamalabError, match="unknown"):
+        LoRAConfig(rank=2, targets=["q_proj"]).validate()
