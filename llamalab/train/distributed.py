@@ -24,7 +24,8 @@ class ParallelConfig:
     strategy: str = "auto"  # auto | none | ddp | fsdp
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # with every_k: checkpoint every k-th block
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (CPU needs a C++ compiler)
+    fused_loss: bool = True  # chunked output projection + cross-entropy, no logits tensor (fused_ce.py)
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:
@@ -86,11 +87,15 @@ def resolve_strategy(cfg: ParallelConfig, world: int) -> str:
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device,
                 param_dtype: torch.dtype | None = None) -> nn.Module:
-    """Activation checkpointing, optional compile, then DDP/FSDP by ``cfg.strategy``.
+    """Fused loss head, activation checkpointing, optional compile, then DDP/FSDP by ``cfg.strategy``.
 
     ``param_dtype``: FSDP's compute dtype on GPU (bf16/fp16 all-gathers, fp32 reductions).
     NOTE: with fsdp the parameters change identity (DTensors): build the optimizer afterwards.
     """
+    if cfg.fused_loss:
+        from llamalab.train.fused_ce import install_fused_head
+
+        install_fused_head(model)
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     strategy = resolve_strategy(cfg, world)

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llamalab.train.fused_ce import find_fused_head, fused_loss_sum
+
 IGNORE_INDEX = -100
 
 
@@ -41,6 +43,14 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum of cross-entropy over targets != IGNORE_INDEX. logits (B, T, V), targets (B, T)."""
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def model_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed token loss of ``model`` on (x, y): through its fused head when it has one (no logits)."""
+    head = find_fused_head(model)
+    if head is not None:
+        return fused_loss_sum(model, head, x, y)
+    return token_loss_sum(model(x), y)
 
 
 def _world() -> int:
@@ -80,7 +90,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Ten
         last = i == len(micro_batches) - 1
         with grad_sync(model, last):
             with autocast():
-                loss_sum = loss_fn(model, x, y) if loss_fn is not None else token_loss_sum(model(x), y)
+                loss_sum = loss_fn(model, x, y) if loss_fn is not None else model_loss_sum(model, x, y)
             loss = loss_sum.float() * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()
@@ -126,7 +136,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast():
-            total += float(token_loss_sum(model(x), y))
+            total += float(model_loss_sum(model, x, y))
         n += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / n if n else None
