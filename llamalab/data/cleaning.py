@@ -398,6 +398,15 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     """All stages; returns the merged ledger (also written to ``<out>/stats.json``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 3)
+        t = now
+
     for i, sp in enumerate(sources):
         sp.validate(f"sources[{i}]")
     if len({sp.name for sp in sources}) != len(sources):
@@ -410,9 +419,11 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     else:
         shards = plan_shards(sources, s)
         write_json_atomic(plan_file, {"sources": [asdict(sp) for sp in sources], "shards": shards})
+    lap("plan")
     by_name = {sp.name: sp for sp in sources}
     webs = [sh for sh in shards if by_name[sh["source"]].kind == "web"]
     models = fit_models(sources, shards, s, out) if webs and s.reference else None
+    lap("models")
     if webs and s.line_dedup:
         if not (out / "models" / "first_seen.npz").exists():
             tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out),
@@ -424,6 +435,7 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
             (out / "models").mkdir(parents=True, exist_ok=True)
             np.savez(out / "models" / "first_seen.npz", hashes=np.array(list(first), dtype=np.uint64),
                      shards=np.array([order[v] for v in first.values()], dtype=np.int64))
+    lap("line_hashes")
     tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out), "models": models,
               "spec": asdict(by_name[sh["source"]]), "settings": asdict(s)} for sh in shards]
     results = run_tasks(clean_task, tasks, out / "stage1", executor, workers, "clean: shards")
@@ -431,6 +443,7 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     for r in results:
         ledger.merge(Ledger.from_dict(r["ledger"]))
     ledger.check()
+    lap("clean")
     dd = Ledger.from_dict(corpus_dedup(sources, shards, s, out)["ledger"])
     # the dedup pass re-reads what clean kept: fold it in as further drops of the same documents
     ledger.docs.update(dd.docs)
@@ -439,7 +452,9 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     for k, v in dd.examples.items():
         ledger.examples.setdefault(k, v)
     ledger.check()
+    lap("dedup")
     ledger.save(out / "stats.json")
+    write_json_atomic(out / "timings.json", timings)  # NOTE: kept out of stats.json, which must not vary
     return ledger
 
 

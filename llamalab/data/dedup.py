@@ -36,8 +36,10 @@ _SPACES = re.compile(r"\s+")
 
 def normalize_line(line: str) -> str:
     """CCNet's normalisation: lower case, accents stripped, digits -> 0, punctuation removed."""
-    s = unicodedata.normalize("NFD", line.lower())
-    s = "".join(c for c in s if unicodedata.category(c) != "Mn")
+    s = line.lower()
+    if not s.isascii():  # NOTE: the per-character accent strip is the slow part; ASCII skips it
+        s = unicodedata.normalize("NFD", s)
+        s = "".join(c for c in s if unicodedata.category(c) != "Mn")
     s = _DIGITS.sub("0", s)
     s = _PUNCT.sub(" ", s)
     return _SPACES.sub(" ", s).strip()
