@@ -438,7 +438,7 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     lap("line_hashes")
     tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out), "models": models,
               "spec": asdict(by_name[sh["source"]]), "settings": asdict(s)} for sh in shards]
-    results = run_tasks(clean_task, tasks, out / "stage1", executor, workers, "clean: shards")
+    results = run_tasks(clean_task, tasks, out / "stage1", executor, workers, "clean: shards", _rate())
     ledger = Ledger()
     for r in results:
         ledger.merge(Ledger.from_dict(r["ledger"]))
@@ -456,6 +456,20 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     ledger.save(out / "stats.json")
     write_json_atomic(out / "timings.json", timings)  # NOTE: kept out of stats.json, which must not vary
     return ledger
+
+
+def _rate():
+    """Progress text: documents and MB cleaned so far, and their rates (this run's shards)."""
+    t0, n, mb = time.perf_counter(), 0, 0.0
+
+    def describe(result: dict) -> str:
+        nonlocal n, mb
+        n += result["ledger"]["read"]
+        mb += result["ledger"]["bytes_read"] / 1e6
+        dt = max(time.perf_counter() - t0, 1e-9)
+        return f"| {n:,} docs {n / dt:,.0f} docs/s {mb / dt:.2f} MB/s"
+
+    return describe
 
 
 def load_sources(obj: list[dict], where: str) -> list[SourceSpec]:

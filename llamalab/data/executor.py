@@ -58,8 +58,12 @@ def _require(module: str, extra: str):
 
 
 def run_tasks(fn: Callable[[dict], dict], tasks: Sequence[dict], stage_dir: str | Path, executor: str = "local",
-              workers: int = 1, label: str = "tasks") -> list[dict]:
-    """Run the unfinished ``tasks`` and return every task's result, in task order."""
+              workers: int = 1, label: str = "tasks", describe: Callable[[dict], str] | None = None) -> list[dict]:
+    """Run the unfinished ``tasks`` and return every task's result, in task order.
+
+    ``describe(result)`` (called in this process as each result arrives) returns text for the
+    progress line, e.g. cumulative documents/s and MB/s.
+    """
     if executor not in EXECUTORS:
         raise LlamalabError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if workers < 1:
@@ -80,15 +84,20 @@ def run_tasks(fn: Callable[[dict], dict], tasks: Sequence[dict], stage_dir: str 
     if len(pending) < len(tasks):
         bar.update(len(tasks) - len(pending), extra=f"({len(tasks) - len(pending)} already done)")
     args = [(fn, t, str(stage_dir)) for t in pending]
-    for name, res in zip([t["name"] for t in pending], _dispatch(args, executor, workers, bar)):
+    for name, res in zip([t["name"] for t in pending], _dispatch(args, executor, workers, bar, describe)):
         results[name] = res
     bar.close()
     return [results[n] for n in names]
 
 
-def _dispatch(args: list[tuple], executor: str, workers: int, bar: Progress) -> list[dict]:
+def _dispatch(args: list[tuple], executor: str, workers: int, bar: Progress,
+              describe: Callable[[dict], str] | None = None) -> list[dict]:
     if not args:
         return []
+
+    def done(res: dict) -> None:
+        bar.update(1, extra=describe(res) if describe else "")
+
     if executor == "ray":
         return _run_ray(args, bar)
     if executor == "spark":
@@ -97,14 +106,14 @@ def _dispatch(args: list[tuple], executor: str, workers: int, bar: Progress) -> 
         out = []
         for a in args:
             out.append(_run_and_mark(a))
-            bar.update(1)
+            done(out[-1])
         return out
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(min(workers, len(args))) as pool:
         out = []
         for res in pool.imap(_run_and_mark, args):  # imap: results in submission order
             out.append(res)
-            bar.update(1)
+            done(res)
         return out
 
 
