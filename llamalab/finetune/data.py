@@ -64,6 +64,7 @@ class Example:
     ids: list[int]
     mask: list[int]
     where: str  # file:line of the record it came from
+    record: int = 0  # ordinal of that record among all read (chunks of one record share it)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -140,7 +141,7 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     """Elements of a top-level JSON array with the line each starts on (incremental raw_decode)."""
     dec = json.JSONDecoder()
     pos = text.index("[") + 1
-    line, counted = 1, 0
+    line, counted, item = 1, 0, 0
 
     def skip_ws(p: int) -> int:
         while p < len(text) and text[p] in " \t\r\n":
@@ -157,7 +158,8 @@ def _iter_json_array(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             value, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise LlamalabError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        yield f"{path}:{line}", value
+        yield f"{path}:{line} (item {item})", value
+        item += 1
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip_ws(pos + 1)
@@ -337,6 +339,8 @@ def load_sft_data(paths: Sequence[str | Path], fmt: str, template: str, tok: Any
                 break
             ledger.read += 1
             exs = _one_record(where, rec, fmt, template, tok, max_len, overlong, on_error, ledger)
+            for e in exs:
+                e.record = ledger.read
             if exs:
                 ledger.kept += 1
                 out += exs

@@ -40,6 +40,7 @@ from llamalab.finetune.data import FORMATS, OVERLONG, Example, load_sft_data
 from llamalab.finetune.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from llamalab.finetune.packing import collate, pack_rows, sft_loss
 from llamalab.tokenizer.chat import TEMPLATES, resolve_template
+from llamalab.train.loop import IGNORE_INDEX
 from llamalab.train.optim import OptimConfig, build_optimizer
 from llamalab.train.pretrain import autocast_for
 from llamalab.train.stability import GuardConfig
@@ -64,6 +65,9 @@ class Config:
     on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
                                                      "help": "malformed records: stop with file:line, or count and skip"})
     limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
+    val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of examples for a "
+                                                               "validation loss (0: none)"})
+    eval_interval: int = field(default=50, metadata={"help": "steps between validation losses (with --val-fraction)"})
     epochs: float = 2.0
     batch_size: int = field(default=64, metadata={"help": "rows per optimizer step (Llama 2: 64)"})
     micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0: min(batch_size, 8))"})
@@ -94,6 +98,8 @@ class Config:
         for name in ("batch_size",):
             if getattr(self, name) <= 0:
                 raise LlamalabError(f"sft: --{name.replace('_', '-')} must be > 0")
+        if not 0 <= self.val_fraction < 1:
+            raise LlamalabError(f"sft: --val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.epochs <= 0 and not self.steps:
             raise LlamalabError("sft: --epochs must be > 0 (or give --steps)")
         self.lora.validate()
@@ -120,6 +126,41 @@ def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_ep
         return [collate(examples, picked[k:k + micro], pad_id) for k in range(0, len(picked), micro)]
 
     return batch
+
+
+def split_val(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, val): a seeded random ``fraction`` of the *records* held out (at least one), so the
+    chunks of one split conversation never straddle train and val."""
+    if not fraction:
+        return examples, []
+    records = sorted({e.record for e in examples})
+    random.Random(seed + 1).shuffle(records)
+    k = max(1, round(fraction * len(records)))
+    if k >= len(records):
+        raise LlamalabError(f"sft: --val-fraction {fraction} leaves no training records")
+    held = set(records[:k])
+    return [e for e in examples if e.record not in held], [e for e in examples if e.record in held]
+
+
+def make_eval_fn(val: list[Example], seq_len: int, packing: bool, micro: int, pad_id: int):
+    """Mean loss per assistant token over the held-out examples (packed like training)."""
+    rows = pack_rows(val, seq_len, packing, seed=0)
+
+    @torch.no_grad()
+    def eval_fn(model: torch.nn.Module, autocast) -> float | None:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        total, n = 0.0, 0
+        for k in range(0, len(rows), micro):
+            x, y = collate(val, rows[k:k + micro], pad_id)
+            with autocast():
+                total += float(sft_loss(model, x.to(dev), y.to(dev)))
+            n += int((y != IGNORE_INDEX).sum())
+        model.train(was)
+        return total / n if n else None
+
+    return eval_fn
 
 
 def loss_curve(run: Path) -> dict[str, Any]:
@@ -160,8 +201,9 @@ def main(cfg: Config) -> dict[str, Any]:
         print0(f"  dropped {e}")
     if not examples:
         raise LlamalabError(f"sft: no usable examples in {', '.join(cfg.data)} (see the counts above)")
+    examples, val = split_val(examples, cfg.val_fraction, cfg.seed)
     rows = pack_rows(examples, seq_len, cfg.packing, cfg.seed)
-    fill = ledger.tokens / (len(rows) * seq_len)
+    fill = sum(len(e) for e in examples) / (len(rows) * seq_len)
     g, per_epoch, steps = plan_steps(cfg, len(rows))
     micro = cfg.micro_batch_size or min(g, 8)
     run = Path(cfg.run_dir)
@@ -181,11 +223,12 @@ def main(cfg: Config) -> dict[str, Any]:
     settings = LoopSettings(
         name="sft", run_dir=run, steps=steps, peak_lr=lr, warmup=max(1, round(cfg.warmup_ratio * steps)),
         min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
-        keep_last=cfg.keep_last, stop_after=cfg.stop_after, max_seconds=cfg.max_seconds, resume=cfg.resume,
-        guard=cfg.guard)
+        keep_last=cfg.keep_last, eval_interval=cfg.eval_interval if val else 0, stop_after=cfg.stop_after,
+        max_seconds=cfg.max_seconds, resume=cfg.resume, guard=cfg.guard)
     trainer = Trainer(model, optimizer, settings, make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed),
                       run_cfg=to_dict(cfg), tokenizer_path=tok_path, autocast=autocast_for(device, dtype),
-                      loss_fn=sft_loss, model_extra={"chat_template": template})
+                      loss_fn=sft_loss, model_extra={"chat_template": template},
+                      eval_fn=make_eval_fn(val, seq_len, cfg.packing, micro, pad_id) if val else None)
     trainer.restore()
     mode = f"LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
     print0(f"sft: {base} | {mode}, {n_trainable:,} trainable params | template {template} | {len(rows)} rows of "
@@ -196,7 +239,9 @@ def main(cfg: Config) -> dict[str, Any]:
     result = trainer.fit()
     seconds = time.perf_counter() - t_fit
     # NOTE: the loop's tokens/s counts target (assistant) tokens; this one counts every input token
-    result["input_tokens_per_s"] = ledger.tokens * result["steps"] / per_epoch / seconds if seconds else None
+    train_tokens = sum(len(e) for e in examples)
+    result["input_tokens_per_s"] = train_tokens * result["steps"] / per_epoch / seconds if seconds else None
+    result["val_examples"] = len(val)
     return finish(cfg, run, model, meta, tok_path, template, ledger, result, seconds, base)
 
 
@@ -224,7 +269,9 @@ def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path:
     print0(f"sft: done | {ledger.read} records, {ledger.kept} kept, {sum(ledger.dropped.values())} dropped "
            f"{dict(ledger.dropped) or ''} | {ledger.loss_tokens:,} assistant tokens of {ledger.tokens:,} | {lc} | "
            f"{result['steps']} steps in {seconds:.1f}s (~{result['input_tokens_per_s'] or 0:,.0f} input tokens/s, "
-           f"{result['tokens_per_s'] or 0:,.0f} trained tokens/s) | model {summary['model']}"
+           f"{result['tokens_per_s'] or 0:,.0f} trained tokens/s)"
+           + (f" | val loss {result['val_loss']:.3f} on {result['val_examples']} examples" if result.get("val_loss") else "")
+           + f" | model {summary['model']}"
            + (f" | adapter {summary['adapter']}" if "adapter" in summary else ""))
     return summary
 

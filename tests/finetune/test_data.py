@@ -123,7 +123,7 @@ def test_malformed_input_names_file_and_line(tmp_path, sft_tok):
     assert ledger.errors[0].startswith(f"{path}:2:") and ledger.errors[1].startswith(f"{path}:3:")
     arr = tmp_path / "a.json"
     arr.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c"}\n]', encoding="utf-8")
-    with pytest.raises(LlamalabError, match=rf"{arr}:3: field 'output'"):
+    with pytest.raises(LlamalabError, match=rf"{arr}:3 \(item 1\): field 'output'"):
         load_sft_data([arr], "alpaca", "alpaca", sft_tok, 512)
 
 

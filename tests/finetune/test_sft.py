@@ -95,8 +95,12 @@ def test_cli_lora_end_to_end(tmp_path, tiny_base, capsys):
 
 def test_exporters_accept_sft_output(tmp_path, tiny_base):
     cfg = Config(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", run_dir=str(tmp_path / "r"),
-                 steps=2, batch_size=2, checkpoint_interval=0)
-    sft_main(cfg)
+                 steps=2, batch_size=2, checkpoint_interval=0, val_fraction=0.25, eval_interval=1)
+    out = sft_main(cfg)
+    assert out["val_examples"] == 1 and out["val_loss"] > 0  # one of the 4 records held out
+    assert out["data"]["examples"] == 4
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [("val_loss" in r) for r in rows] == [True, True]
     from llamalab.interop.hf import export_folder
 
     hf = export_folder(tmp_path / "r" / "model", tmp_path / "hf")
@@ -130,3 +134,14 @@ def test_stop_and_resume_equals_straight_run(tmp_path, tiny_base):
     b, _ = load_model(tmp_path / "split" / "model")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_val_split_holds_out_whole_records():
+    from llamalab.finetune.data import Example
+    from llamalab.finetune.sft import split_val
+
+    exs = [Example([1, 5, 6], [0, 1, 1], f"f:{r}", record=r) for r in (1, 1, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10)]
+    train, val = split_val(exs, 0.2, seed=0)
+    assert len(train) + len(val) == len(exs) and val
+    assert not {e.record for e in train} & {e.record for e in val}
+    assert len({e.record for e in val}) == 2
