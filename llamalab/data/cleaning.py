@@ -414,11 +414,18 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     if s.decontam not in ("drop", "flag", "off"):
         raise LlamalabError(f"decontam must be drop, flag or off, got {s.decontam!r}")
     plan_file = out / "plan.json"
+    fingerprint = {"sources": [asdict(sp) for sp in sources],
+                   "settings": {k: v for k, v in asdict(s).items() if k != "keep_rejects"}}
     if plan_file.exists():
-        shards = read_json(plan_file, what="shard plan")["shards"]
+        plan = read_json(plan_file, what="shard plan")
+        if {k: plan.get(k) for k in fingerprint} != fingerprint:
+            # NOTE: resuming with other settings would mix two runs' shards in one output
+            raise LlamalabError(f"{out}: holds a run with different sources or settings (see {plan_file}); "
+                                f"use another --output, or delete the folder to start over")
+        shards = plan["shards"]
     else:
         shards = plan_shards(sources, s)
-        write_json_atomic(plan_file, {"sources": [asdict(sp) for sp in sources], "shards": shards})
+        write_json_atomic(plan_file, {**fingerprint, "shards": shards})
     lap("plan")
     by_name = {sp.name: sp for sp in sources}
     webs = [sh for sh in shards if by_name[sh["source"]].kind == "web"]

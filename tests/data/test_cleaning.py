@@ -163,3 +163,12 @@ def test_read_errors_counted_once_across_range_shards(tmp_path):
                     tmp_path / "o")
     assert led.docs[("read", "malformed_json")] == 3 and led.docs[("read", "invalid_utf8")] == 1
     assert led.kept == 7 and led.read == 11
+
+
+def test_resume_refuses_changed_settings(crawl, tmp_path):
+    out = tmp_path / "o"
+    spec = [SourceSpec("notes", "text", [str(crawl / "notes")])]
+    run_clean(spec, CleanSettings(near_dup=False), out)
+    run_clean(spec, CleanSettings(near_dup=False, keep_rejects=True), out)  # not an output setting
+    with pytest.raises(LlamalabError, match="different sources or settings"):
+        run_clean(spec, CleanSettings(near_dup=True), out)
