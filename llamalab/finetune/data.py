@@ -41,9 +41,10 @@ import gzip
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from llamalab.common import LlamalabError, Progress
 from llamalab.tokenizer.chat import render

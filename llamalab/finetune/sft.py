@@ -33,8 +33,15 @@ from typing import Any
 import torch
 
 from llamalab.checkpoint import load_model, save_model
-from llamalab.common import (LlamalabError, print0, resolve_device, resolve_dtype, seed_everything, sha256_file,
-                             write_json_atomic)
+from llamalab.common import (
+    LlamalabError,
+    print0,
+    resolve_device,
+    resolve_dtype,
+    seed_everything,
+    sha256_file,
+    write_json_atomic,
+)
 from llamalab.config import to_dict
 from llamalab.finetune.data import FORMATS, OVERLONG, Example, load_sft_data
 from llamalab.finetune.lora import LoRAConfig, apply_lora, merge_lora, save_adapter

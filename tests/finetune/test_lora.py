@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from llamalab.common import LlamalabError
-from llamalab.finetune.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from llamalab.finetune.lora import (
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 from llamalab.model import Transformer
 from llamalab.train.optim import OptimConfig, build_optimizer
 

@@ -7,7 +7,13 @@ import random
 import torch
 
 from llamalab.finetune.data import Example
-from llamalab.finetune.packing import collate, pack_rows, packed_mask, sft_forward, sft_loss
+from llamalab.finetune.packing import (
+    collate,
+    pack_rows,
+    packed_mask,
+    sft_forward,
+    sft_loss,
+)
 from llamalab.model import Transformer
 from llamalab.train.loop import IGNORE_INDEX
 
@@ -27,7 +33,7 @@ def test_packed_logits_equal_alone(tiny_config):
     torch.manual_seed(0)
     model = Transformer(tiny_config).eval()
     exs = _examples(3, 10, 20, tiny_config.vocab_size)
-    x, y = collate(exs, [[0, 1, 2]], pad_id=0, seq_len=tiny_config.max_seq_len)
+    x, _ = collate(exs, [[0, 1, 2]], pad_id=0, seq_len=tiny_config.max_seq_len)
     assert x.shape == (1, 2, 64) and int(x[0, 1].max()) == 3
     with torch.no_grad():
         packed = sft_forward(model, x)[0]

@@ -11,7 +11,8 @@ import torch
 
 from llamalab.checkpoint import load_model
 from llamalab.cli import main as cli
-from llamalab.finetune.sft import Config, main as sft_main
+from llamalab.finetune.sft import Config
+from llamalab.finetune.sft import main as sft_main
 from llamalab.inference.chat import answer
 from llamalab.inference.engine import Engine
 from llamalab.inference.sampling import SamplingParams
@@ -124,8 +125,9 @@ def test_cli_rejects_malformed_with_location(tmp_path, tiny_base, capsys):
 
 def test_stop_and_resume_equals_straight_run(tmp_path, tiny_base):
     """The SFT batch order is a pure function of the step: 3 steps + stop + resume == 6 steps straight."""
-    common = dict(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", steps=6, batch_size=1,
-                  micro_batch_size=1, lr=1e-3, checkpoint_interval=0, packing=False, keep_last=0)
+    common = {"base": str(tiny_base), "data": [str(_data(tmp_path))], "format": "alpaca", "steps": 6,
+              "batch_size": 1, "micro_batch_size": 1, "lr": 1e-3, "checkpoint_interval": 0, "packing": False,
+              "keep_last": 0}
     sft_main(Config(run_dir=str(tmp_path / "straight"), **common))
     part = sft_main(Config(run_dir=str(tmp_path / "split"), stop_after=3, **common))
     assert part["steps"] == 3 and not (tmp_path / "split" / "model").exists()
