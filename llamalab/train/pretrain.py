@@ -3,7 +3,9 @@
 Recipe (LLaMA, Touvron et al. 2023a): AdamW (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0,
 linear warmup (2000 steps, scaled down to a tenth of short runs) then cosine to 10% of the peak;
 gradient accumulation to a global batch given in tokens; bf16 autocast where the device has fast
-bf16 (fp32 on CPU); optional activation checkpointing.
+bf16 (fp32 on CPU), or fp16 with dynamic loss scaling; optional activation checkpointing. Launched
+with torchrun it trains data parallel (DDP) or fully sharded (FSDP2, ``--parallel.strategy fsdp``):
+the global batch and the data order do not depend on the world size (docs/distributed.md).
 
 Record (LLM360): ``meta.json`` (resolved config, git SHA, versions, manifest hash), the data
 manifest, ``metrics.jsonl`` (one line per step: loss, lr, grad norm, tokens, tokens/s, MFU, the
@@ -57,7 +59,9 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: bf16 where fast (CUDA), else fp32; fp16: autocast + dynamic loss scaling (OPT); "
+                "with parallel.strategy=fsdp on GPU: FSDP's mixed-precision policy instead of autocast"})
     checkpoint_interval: int = 100
     keep_last: int = field(default=0, metadata={"help": "keep only the newest N checkpoints (0: keep all)"})
     eval_interval: int = 50

@@ -226,3 +226,41 @@ def test_strategy_none_with_several_processes_is_an_error():
         resolve_strategy(ParallelConfig("none"), 2)
     with pytest.raises(LlamalabError, match="strategy must be"):
         resolve_strategy(ParallelConfig("zero3"), 2)
+
+
+# ----------------------------------------------------------------------------- fused loss head
+
+
+def test_fused_cross_entropy_matches_the_plain_loss_and_gradients(tiny_config):
+    from llamalab.model.transformer import Transformer
+    from llamalab.train.fused_ce import FusedHead, install_fused_head, linear_cross_entropy_sum
+    from llamalab.train.loop import IGNORE_INDEX, model_loss_sum, token_loss_sum
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (3, 11), generator=g)
+    t[0, :4] = IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy((h @ w.t()).flatten(0, 1), t.flatten(), reduction="sum")
+    gh, gw = torch.autograd.grad(2 * ref, (h, w))
+    fused = linear_cross_entropy_sum(h, w, t, chunk_rows=7)  # 33 rows: uneven chunks, one all-ignored part
+    fh, fw = torch.autograd.grad(2 * fused, (h, w))
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(fh, gh)
+    torch.testing.assert_close(fw, gw)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy_sum(h, w, t, chunk_rows=7), ref.detach())
+
+    plain = Transformer(tiny_config)
+    plain.init_weights(seed=2)
+    fast = Transformer(tiny_config)
+    fast.load_state_dict(plain.state_dict())
+    assert install_fused_head(fast) and isinstance(fast.output, FusedHead)
+    assert fast.output.weight is dict(fast.named_parameters())["output.weight"]  # same parameter, same name
+    x = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=g)
+    y = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=g)
+    torch.testing.assert_close(fast(x), plain(x))  # unarmed: an ordinary linear head
+    model_loss_sum(fast, x, y).backward()
+    token_loss_sum(plain(x), y).backward()
+    for (n, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
