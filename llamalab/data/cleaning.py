@@ -374,7 +374,9 @@ def corpus_dedup(sources: list[SourceSpec], shards: list[dict], s: CleanSettings
                     continue
                 thr = spec.near_dup_threshold or (0.9 if spec.kind == "books" else s.near_dup_threshold)
                 if s.near_dup and spec.kind != "code":
-                    idx = near.setdefault(spec.name, NearDupIndex(threshold=thr))
+                    if spec.name not in near:  # NOTE: not setdefault: building an LSH index costs ~30 ms
+                        near[spec.name] = NearDupIndex(threshold=thr)
+                    idx = near[spec.name]
                     if idx.check_and_add(row["id"], row["text"]):
                         led.drop_doc("dedup", "near_duplicate", row["id"], row["text"])
                         continue
