@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -369,12 +368,3 @@ def _one_record(where: str, rec: Any, fmt: str, template: str, tok: Any, max_len
     if exs:
         ledger.fixes.update(fixes)
     return exs
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-def shuffled(examples: list[Example], seed: int) -> list[Example]:
-    out = list(examples)
-    random.Random(seed).shuffle(out)
-    return out
