@@ -172,3 +172,21 @@ def test_resume_refuses_changed_settings(crawl, tmp_path):
     run_clean(spec, CleanSettings(near_dup=False, keep_rejects=True), out)  # not an output setting
     with pytest.raises(LlamalabError, match="different sources or settings"):
         run_clean(spec, CleanSettings(near_dup=True), out)
+
+
+def test_code_source_licence_and_exact_dedup(tmp_path):
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("abc.py", "bisect.py", "keyword.py"):
+        shutil.copy(stdlib / name, repo / name)
+    shutil.copy(stdlib / "bisect.py", repo / "bisect_copy.py")  # a vendored copy: exact duplicate
+    (repo / "gpl.py").write_text("# SPDX-License-Identifier: GPL-2.0-only\nimport os\nprint(os.sep)\n")
+    led = run_clean([SourceSpec("github", "code", [str(repo)])], CleanSettings(), tmp_path / "o", workers=2)
+    assert led.read == 5 and led.kept == 3
+    assert led.docs[("clean", "license:copyleft")] == 1 and led.docs[("dedup", "exact")] == 1
+    assert led.lines[("clean", "code:boilerplate_header")] == 2  # abc.py's copyright lines
+    rows = [json.loads(x) for f in (tmp_path / "o" / "docs" / "github").glob("*.jsonl") for x in open(f)]
+    assert sorted(r["id"].rsplit("/", 1)[-1] for r in rows) == ["abc.py", "bisect.py", "keyword.py"]
