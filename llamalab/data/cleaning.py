@@ -77,7 +77,7 @@ class CleanSettings:
     files_per_shard: int = 100
     keep_rejects: bool = False
     on_error: str = "raise"
-    max_docs: int = 0  # per source, 0 = all (benchmarks, smoke runs)
+    max_docs: int = 0  # per multi-document file (JSONL, dump), 0 = all: smoke runs
 
 
 # ----------------------------------------------------------------------------- reading
