@@ -89,3 +89,30 @@ def test_reference_classifier_separates_wiki_from_fiction(wiki_texts, botchan_pa
     assert correct / (len(pos_test) + len(neg_test)) > 0.9
     clf.save(tmp_path / "clf.npz")
     assert F.ReferenceClassifier.load(tmp_path / "clf.npz").score(pos_test[0]) == pytest.approx(clf.score(pos_test[0]))
+
+
+def test_models_fit_from_a_real_wiki_dump_reference(tmp_path, botchan_paragraphs):
+    """The reference corpus may be a MediaWiki dump: its first 80 pages (16 articles,
+    the rest redirects), cut from the shared one."""
+    import bz2
+
+    from llamalab.data.cleaning import CleanSettings, SourceSpec, fit_models, plan_shards
+    from tests.conftest import shared_path
+
+    with bz2.open(shared_path("corpus/enwiki_markup.xml.bz2"), "rt", encoding="utf-8") as f:
+        xml = f.read()
+    cut = xml.find("</page>", xml.find("<page>"))
+    for _ in range(79):
+        cut = xml.find("</page>", cut + 1)
+    (tmp_path / "ref.xml").write_text(xml[: cut + len("</page>")] + "\n</mediawiki>\n", encoding="utf-8")
+    (tmp_path / "web").mkdir()
+    pages = [p for p in botchan_paragraphs if p.endswith(".")][:30]  # C4 keeps only lines ending a sentence
+    (tmp_path / "web" / "pages.txt").write_text("\n\n".join(pages), encoding="utf-8")
+    sources = [SourceSpec("web", "web", [str(tmp_path / "web")], text_mode="paragraphs")]
+    s = CleanSettings(reference=[str(tmp_path / "ref.xml")], calib_docs=30)
+    info = fit_models(sources, plan_shards(sources, s), s, tmp_path / "out")
+    assert info["reference_docs"] == 16 and info["calibration_docs"] == 30
+    lo, hi = info["cutoffs"]
+    assert 1 < lo < hi
+    clf = F.ReferenceClassifier.load(info["classifier"])
+    assert clf.score(botchan_paragraphs[40]) < 0.5  # fiction is not reference-like
