@@ -84,8 +84,7 @@ def part2(shared: Path, pages: list[str], wiki: list[str], tmp: Path, workers: l
     (tmp / "web").mkdir()
     for k in range(4):  # 4 files -> shards for the pool
         with open(tmp / "web" / f"part{k}.jsonl", "w") as f:
-            for i, p in enumerate(pages[k::4]):
-                f.write(json.dumps({"id": f"{k}-{i}", "text": p}) + "\n")
+            f.writelines(json.dumps({"id": f"{k}-{i}", "text": p}) + "\n" for i, p in enumerate(pages[k::4]))
     (tmp / "ref.txt").write_text("\n\n".join(wiki), encoding="utf-8")
     sources = [SourceSpec("wikipedia", "wiki", [str(shared / "corpus/enwiki_markup.xml.bz2")]),
                SourceSpec("arxiv", "arxiv", [str(shared / "corpus/arxiv")]),

@@ -15,8 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalab.common import LlamalabError, print0, read_json
-from llamalab.data.cleaning import KINDS, CleanSettings, SourceSpec, load_sources, print_summary, run_clean
+from llamalab.common import LlamalabError, read_json
+from llamalab.data.cleaning import (
+    KINDS,
+    CleanSettings,
+    SourceSpec,
+    load_sources,
+    print_summary,
+    run_clean,
+)
 from llamalab.data.executor import EXECUTORS
 
 

@@ -25,17 +25,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from llamalab.common import LlamalabError, print0, read_json, write_json_atomic
 from llamalab.data import filters as F
 from llamalab.data.clean import CleanResult
-from llamalab.data.dedup import Decontaminator, ExactDedup, NearDupIndex, dedup_lines, first_seen, shard_line_hashes
-from llamalab.data.executor import is_done, marker_path, run_tasks
+from llamalab.data.dedup import (
+    Decontaminator,
+    ExactDedup,
+    NearDupIndex,
+    dedup_lines,
+    first_seen,
+    shard_line_hashes,
+)
+from llamalab.data.executor import marker_path, run_tasks
 from llamalab.data.ledger import Ledger, open_rejects
 from llamalab.data.readers import Document, ReadStats, expand_paths, read_documents
 
@@ -369,7 +376,7 @@ def corpus_dedup(sources: list[SourceSpec], shards: list[dict], s: CleanSettings
             for line in src:
                 row = json.loads(line)
                 led.read += 1
-                if s.exact_dedup and (dup := exact.check_and_add(row["id"], row["text"])):
+                if s.exact_dedup and exact.check_and_add(row["id"], row["text"]):
                     led.drop_doc("dedup", "exact", row["id"], row["text"])
                     continue
                 thr = spec.near_dup_threshold or (0.9 if spec.kind == "books" else s.near_dup_threshold)
@@ -433,17 +440,16 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     webs = [sh for sh in shards if by_name[sh["source"]].kind == "web"]
     models = fit_models(sources, shards, s, out) if webs and s.reference else None
     lap("models")
-    if webs and s.line_dedup:
-        if not (out / "models" / "first_seen.npz").exists():
-            tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out),
-                      "spec": asdict(by_name[sh["source"]])} for sh in webs]
-            res = run_tasks(hashes_task, tasks, out / "hashes", executor, workers, "clean: line hashes")
-            first = first_seen([np.load(r["file"]).tolist() for r in res])
-            # NOTE: first_seen is keyed by position in the web-shard list, which preserves corpus order
-            order = {i: sh["index"] for i, sh in enumerate(webs)}
-            (out / "models").mkdir(parents=True, exist_ok=True)
-            np.savez(out / "models" / "first_seen.npz", hashes=np.array(list(first), dtype=np.uint64),
-                     shards=np.array([order[v] for v in first.values()], dtype=np.int64))
+    if webs and s.line_dedup and not (out / "models" / "first_seen.npz").exists():
+        tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out),
+                  "spec": asdict(by_name[sh["source"]])} for sh in webs]
+        res = run_tasks(hashes_task, tasks, out / "hashes", executor, workers, "clean: line hashes")
+        first = first_seen([np.load(r["file"]).tolist() for r in res])
+        # NOTE: first_seen is keyed by position in the web-shard list, which preserves corpus order
+        order = {i: sh["index"] for i, sh in enumerate(webs)}
+        (out / "models").mkdir(parents=True, exist_ok=True)
+        np.savez(out / "models" / "first_seen.npz", hashes=np.array(list(first), dtype=np.uint64),
+                 shards=np.array([order[v] for v in first.values()], dtype=np.int64))
     lap("line_hashes")
     tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out), "models": models,
               "spec": asdict(by_name[sh["source"]]), "settings": asdict(s)} for sh in shards]

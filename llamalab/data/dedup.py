@@ -24,8 +24,8 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from llamalab.common import LlamalabError
 
@@ -221,7 +221,7 @@ class Decontaminator:
                 self.index.setdefault(g, name)
 
     @classmethod
-    def from_files(cls, paths: Sequence[str | Path], n: int = 13) -> "Decontaminator":
+    def from_files(cls, paths: Sequence[str | Path], n: int = 13) -> Decontaminator:
         d = cls(n)
         for p in paths:
             d.add(Path(p).name, eval_texts(p))

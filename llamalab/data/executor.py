@@ -24,8 +24,9 @@ Executors:
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from llamalab.common import LlamalabError, Progress, read_json, write_json_atomic
 

@@ -24,9 +24,10 @@ import pickle
 import re
 import zlib
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -48,7 +49,10 @@ _IDENTIFIER = None
 def _identifier():
     global _IDENTIFIER
     if _IDENTIFIER is None:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier  # optional extra: llamalab[data]
+        from py3langid.langid import (  # optional extra: llamalab[data]
+            MODEL_FILE,
+            LanguageIdentifier,
+        )
 
         _IDENTIFIER = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     return _IDENTIFIER
@@ -79,9 +83,9 @@ STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "*", "-", "–", "‣", "◦", "·")
 TERMINAL = ('.', '!', '?', '"', "'", '”', '’', ':', ';', ')')
 BAD_LINE_PATTERNS = {
-    "javascript": re.compile(r"javascript", re.I),
-    "cookie": re.compile(r"\bcookies?\b.*\b(use|policy|accept|consent)\b|\b(use|accept)\b.*\bcookies?\b", re.I),
-    "policy": re.compile(r"\b(terms of use|privacy policy|all rights reserved)\b", re.I),
+    "javascript": re.compile(r"javascript", re.IGNORECASE),
+    "cookie": re.compile(r"\bcookies?\b.*\b(use|policy|accept|consent)\b|\b(use|accept)\b.*\bcookies?\b", re.IGNORECASE),
+    "policy": re.compile(r"\b(terms of use|privacy policy|all rights reserved)\b", re.IGNORECASE),
 }
 
 
@@ -200,7 +204,7 @@ class NgramLM:
     def _seq(self, text: str) -> list[str]:
         return [self.BOS, self.BOS] + lm_tokens(text) + [self.EOS]
 
-    def fit(self, texts: Iterable[str]) -> "NgramLM":
+    def fit(self, texts: Iterable[str]) -> NgramLM:
         for text in texts:
             for line in text.splitlines():
                 if not line.strip():
@@ -258,7 +262,7 @@ class NgramLM:
             pickle.dump(self.__dict__, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
-    def load(cls, path: str | Path) -> "NgramLM":
+    def load(cls, path: str | Path) -> NgramLM:
         lm = cls()
         with open(path, "rb") as f:
             lm.__dict__.update(pickle.load(f))
@@ -286,7 +290,7 @@ def perplexity_bucket(ppl: float, cutoffs: tuple[float, float]) -> str:
 def hashed_features(text: str, n_bits: int = 18) -> tuple[np.ndarray, np.ndarray]:
     """(indices, values): word unigrams and bigrams hashed by crc32, l2-normalised counts."""
     ws = [w.lower() for w in words(text)]
-    grams = ws + [a + " " + b for a, b in zip(ws, ws[1:])]
+    grams = ws + [a + " " + b for a, b in pairwise(ws)]
     if not grams:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     mask = (1 << n_bits) - 1
@@ -305,7 +309,7 @@ class ReferenceClassifier:
         self.b = 0.0
 
     def fit(self, positives: Sequence[str], negatives: Sequence[str], epochs: int = 5, lr: float = 0.5,
-            l2: float = 1e-6, seed: int = 0) -> "ReferenceClassifier":
+            l2: float = 1e-6, seed: int = 0) -> ReferenceClassifier:
         if not positives or not negatives:
             raise LlamalabError("reference classifier: needs both reference and random documents to train")
         feats = [hashed_features(t, self.n_bits) for t in positives] + [hashed_features(t, self.n_bits) for t in negatives]
@@ -329,7 +333,7 @@ class ReferenceClassifier:
         np.savez_compressed(path, w=self.w, b=np.array([self.b]), n_bits=np.array([self.n_bits]))
 
     @classmethod
-    def load(cls, path: str | Path) -> "ReferenceClassifier":
+    def load(cls, path: str | Path) -> ReferenceClassifier:
         z = np.load(path)
         clf = cls(int(z["n_bits"][0]))
         clf.w, clf.b = z["w"], float(z["b"][0])

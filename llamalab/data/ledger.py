@@ -75,7 +75,7 @@ class Ledger:
             raise LlamalabError(f"ledger does not add up: read {self.read} != kept {self.kept} + "
                                 f"dropped {self.dropped}")
 
-    def merge(self, other: "Ledger") -> "Ledger":
+    def merge(self, other: Ledger) -> Ledger:
         self.read += other.read
         self.kept += other.kept
         self.bytes_read += other.bytes_read
@@ -98,7 +98,7 @@ class Ledger:
                 "flagged": rows(self.flagged), "examples": self.examples}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Ledger":
+    def from_dict(cls, d: dict) -> Ledger:
         led = cls(read=d["read"], kept=d["kept"], bytes_read=d.get("bytes_read", 0),
                   bytes_kept=d.get("bytes_kept", 0), examples=d.get("examples", {}))
         for key, attr in (("documents_dropped", "docs"), ("lines_dropped", "lines"), ("flagged", "flagged")):
@@ -110,7 +110,7 @@ class Ledger:
         write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Ledger":
+    def load(cls, path: str | Path) -> Ledger:
         d = read_json(Path(path), what="ledger")
         if "read" not in d or "kept" not in d:
             raise LlamalabError(f"{path}: not a llamalab ledger (no 'read'/'kept' fields)")

@@ -14,8 +14,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalab.common import LlamalabError, Progress, print0, read_json, write_json_atomic
-from llamalab.data.mixture import PRESETS, SourceWeight, load_clean_output, mixture_stream, parse_weights, plan_mixture
+from llamalab.common import (
+    LlamalabError,
+    Progress,
+    print0,
+    write_json_atomic,
+)
+from llamalab.data.mixture import (
+    PRESETS,
+    SourceWeight,
+    load_clean_output,
+    mixture_stream,
+    parse_weights,
+    plan_mixture,
+)
 
 
 @dataclass

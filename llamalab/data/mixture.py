@@ -26,9 +26,9 @@ from __future__ import annotations
 import heapq
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from llamalab.common import LlamalabError
 from llamalab.data.readers import Document, ReadStats, expand_paths, read_documents

@@ -3,7 +3,9 @@ Botchan paragraphs, cached per session because parsing wikitext takes a few seco
 
 from __future__ import annotations
 
-import re
+import gzip
+import json
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,13 @@ def botchan_paragraphs(botchan_text) -> list[str]:
     body = [ln for ln in lines[start:end] if ln]
     chunks = [" ".join(body[i:i + 10]) for i in range(0, len(body), 10)]
     return [c for c in chunks if len(c.split()) >= 60]
+
+
+def jsonl_rows(*paths: Path) -> list[dict]:
+    """Every JSON line of the given files (.gz read as gzip), in order."""
+    rows = []
+    for p in paths:
+        opener = gzip.open if str(p).endswith(".gz") else open
+        with opener(p, "rt", encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows

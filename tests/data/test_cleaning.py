@@ -12,6 +12,7 @@ from llamalab.data.clean_main import Config, main
 from llamalab.data.cleaning import CleanSettings, SourceSpec, run_clean
 from llamalab.data.ledger import Ledger
 from tests.conftest import shared_path
+from tests.data.conftest import jsonl_rows
 
 NAV = "Subscribe to our newsletter for weekly updates."
 FRENCH = ("Le chat dort sur le canapé depuis ce matin. Il ne veut pas sortir sous la pluie froide. "
@@ -31,8 +32,7 @@ def crawl(tmp_path_factory, botchan_paragraphs, wiki_texts):
     (d / "web").mkdir()
     for k, name in enumerate(["a.jsonl", "b.jsonl"]):
         with open(d / "web" / name, "w") as f:
-            for r in rows[k * 20:(k + 1) * 20]:
-                f.write(json.dumps(r) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in rows[k * 20:(k + 1) * 20])
     (d / "ref").mkdir()
     (d / "ref" / "wiki.txt").write_text("\n\n".join(wiki_texts[:25]), encoding="utf-8")
     (d / "notes").mkdir()
@@ -64,7 +64,7 @@ def _outputs(out: Path) -> dict[str, bytes]:
 def test_every_drop_has_a_reason_and_ledger_adds_up(run1):
     out, led = run1
     assert led.read == 40 + 3 + 3
-    kept_rows = [json.loads(line) for f in (out / "docs").rglob("*.jsonl") for line in open(f)]
+    kept_rows = jsonl_rows(*(out / "docs").rglob("*.jsonl"))
     assert led.kept == len(kept_rows) and led.read == led.kept + led.dropped
     assert led.docs[("clean", "lang:fr")] == 1
     assert led.docs[("clean", "c4:lorem_ipsum")] == 1
@@ -108,7 +108,7 @@ def test_crash_resumes_without_redoing_finished_shards(run1, crawl, tmp_path):
 def test_decontam_flag_mode_keeps_and_marks(crawl, tmp_path):
     led = _run(crawl, tmp_path / "flag", decontam="flag", near_dup=False)
     assert led.flagged[("decontam", "gsm8k_100.jsonl")] == 1 and ("decontam", "gsm8k_100.jsonl") not in led.docs
-    rows = [json.loads(line) for f in (tmp_path / "flag" / "docs").rglob("*.jsonl") for line in open(f)]
+    rows = jsonl_rows(*(tmp_path / "flag" / "docs").rglob("*.jsonl"))
     assert any(r.get("meta", {}).get("contaminated") == "gsm8k_100.jsonl" for r in rows)
 
 
@@ -188,5 +188,5 @@ def test_code_source_licence_and_exact_dedup(tmp_path):
     assert led.read == 5 and led.kept == 3
     assert led.docs[("clean", "license:copyleft")] == 1 and led.docs[("dedup", "exact")] == 1
     assert led.lines[("clean", "code:boilerplate_header")] == 2  # abc.py's copyright lines
-    rows = [json.loads(x) for f in (tmp_path / "o" / "docs" / "github").glob("*.jsonl") for x in open(f)]
+    rows = jsonl_rows(*(tmp_path / "o" / "docs" / "github").glob("*.jsonl"))
     assert sorted(r["id"].rsplit("/", 1)[-1] for r in rows) == ["abc.py", "bisect.py", "keyword.py"]

@@ -4,8 +4,15 @@ import random
 
 import pytest
 
-from llamalab.data.dedup import (Decontaminator, ExactDedup, NearDupIndex, eval_texts, line_hashes,
-                                 normalize_line)
+from llamalab.common import LlamalabError
+from llamalab.data.dedup import (
+    Decontaminator,
+    ExactDedup,
+    NearDupIndex,
+    eval_texts,
+    line_hashes,
+    normalize_line,
+)
 from tests.conftest import shared_path
 
 
@@ -32,7 +39,7 @@ def test_minhash_near_duplicate_and_distinct(botchan_paragraphs):
         words[i] = "xyzzy"
     hit = idx.check_and_add("edited", " ".join(words))
     assert hit is not None and hit[0] == "d7"
-    with pytest.raises(Exception):
+    with pytest.raises(LlamalabError, match="threshold"):
         NearDupIndex(threshold=1.5)
 
 

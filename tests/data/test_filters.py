@@ -96,7 +96,12 @@ def test_models_fit_from_a_real_wiki_dump_reference(tmp_path, botchan_paragraphs
     the rest redirects), cut from the shared one."""
     import bz2
 
-    from llamalab.data.cleaning import CleanSettings, SourceSpec, fit_models, plan_shards
+    from llamalab.data.cleaning import (
+        CleanSettings,
+        SourceSpec,
+        fit_models,
+        plan_shards,
+    )
     from tests.conftest import shared_path
 
     with bz2.open(shared_path("corpus/enwiki_markup.xml.bz2"), "rt", encoding="utf-8") as f:

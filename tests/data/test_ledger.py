@@ -1,9 +1,9 @@
-import json
 
 import pytest
 
 from llamalab.common import LlamalabError
 from llamalab.data.ledger import Ledger, open_rejects
+from tests.data.conftest import jsonl_rows
 
 
 def test_counts_merge_and_round_trip(tmp_path):
@@ -36,7 +36,6 @@ def test_rejects_file(tmp_path):
     led = Ledger(rejects=f)
     led.drop_doc("filter", "gopher:stop_words", "d1", "text one")
     f.close()
-    import gzip
 
-    rows = [json.loads(x) for x in gzip.open(tmp_path / "r" / "rejects.jsonl.gz", "rt")]
+    rows = jsonl_rows(tmp_path / "r" / "rejects.jsonl.gz")
     assert rows == [{"id": "d1", "stage": "filter", "reason": "gopher:stop_words", "text": "text one"}]

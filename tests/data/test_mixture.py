@@ -5,8 +5,14 @@ import pytest
 
 from llamalab.common import LlamalabError
 from llamalab.data.mix_main import Config, main
-from llamalab.data.mixture import SourceWeight, llama_preset, mixture_stream, plan_mixture
+from llamalab.data.mixture import (
+    SourceWeight,
+    llama_preset,
+    mixture_stream,
+    plan_mixture,
+)
 from llamalab.data.readers import Document
+from tests.data.conftest import jsonl_rows
 
 
 def _nbytes(d: Document) -> int:
@@ -72,8 +78,7 @@ def _clean_out(tmp_path, sources):
         d = tmp_path / "clean" / "docs" / name
         d.mkdir(parents=True)
         with open(d / "00000.jsonl", "w") as f:
-            for doc in docs:
-                f.write(json.dumps({"id": doc.id, "text": doc.text, "source": name, "provenance": doc.provenance}) + "\n")
+            f.writelines(json.dumps({"id": doc.id, "text": doc.text, "source": name, "provenance": doc.provenance}) + "\n" for doc in docs)
     return tmp_path / "clean"
 
 
@@ -81,7 +86,7 @@ def test_mix_stage_jsonl_and_shards(tmp_path, sources, botchan_tokenizer, capsys
     clean = _clean_out(tmp_path, sources)
     rec = main(Config(inputs=[str(clean)], preset="llama", allow_missing=True, output=str(tmp_path / "m1")))
     assert set(rec["sources"]) == {"books", "wikipedia"} and "commoncrawl" in rec["missing"]
-    rows = [json.loads(x) for x in open(tmp_path / "m1" / "mixed.jsonl")]
+    rows = jsonl_rows(tmp_path / "m1" / "mixed.jsonl")
     share = sum(len(r["text"].encode()) for r in rows if r["source"] == "books") / sum(len(r["text"].encode()) for r in rows)
     assert share == pytest.approx(0.5, abs=0.02)  # books and wikipedia have equal LLaMA weights
     assert "mix:" in capsys.readouterr().out

@@ -3,21 +3,21 @@
 import json
 
 from llamalab.cli import main as cli
+from tests.data.conftest import jsonl_rows
 
 
 def test_clean_mix_stats_through_cli(tmp_path, capsys, botchan_paragraphs):
     src = tmp_path / "in" / "notes"
     src.mkdir(parents=True)
     with open(src / "a.jsonl", "w") as f:
-        for i, p in enumerate(botchan_paragraphs[:30]):
-            f.write(json.dumps({"id": str(i), "text": p}) + "\n")
+        f.writelines(json.dumps({"id": str(i), "text": p}) + "\n" for i, p in enumerate(botchan_paragraphs[:30]))
         f.write(json.dumps({"id": "dup", "text": botchan_paragraphs[0]}) + "\n")
     out = tmp_path / "clean"
     assert cli(["data", "clean", "--inputs", str(src), "--kind", "text", "--source-name", "notes",
                 "--output", str(out), "--keep-rejects"]) == 0
     text = capsys.readouterr().out
     assert "dedup          exact" in text and "read 31 documents" in text and "kept 30" in text
-    rejects = [json.loads(x) for x in open(out / "rejects" / "dedup.jsonl")]
+    rejects = jsonl_rows(out / "rejects" / "dedup.jsonl")
     assert [(r["id"], r["reason"]) for r in rejects] == [("notes/dup", "exact")]
 
     assert cli(["data", "stats", str(out)]) == 0
@@ -25,7 +25,7 @@ def test_clean_mix_stats_through_cli(tmp_path, capsys, botchan_paragraphs):
     assert "notes" in text and "stats: 30 documents" in text
 
     assert cli(["data", "mix", str(out), "--weights", '{"notes": 1.0}', "--output", str(tmp_path / "mix")]) == 0
-    rows = [json.loads(x) for x in open(tmp_path / "mix" / "mixed.jsonl")]
+    rows = jsonl_rows(tmp_path / "mix" / "mixed.jsonl")
     assert sorted(r["id"] for r in rows) == sorted(f"notes/{i}" for i in range(30))
 
 

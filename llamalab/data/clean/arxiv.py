@@ -11,13 +11,13 @@ left in place rather than guessed.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from llamalab.data.clean import CleanResult, drop
 from llamalab.data.readers import Document
 
-_COMMENT = re.compile(r"(?<!\\)%.*$", re.M)
+_COMMENT = re.compile(r"(?<!\\)%.*$", re.MULTILINE)
 _SECTION = re.compile(r"\\(section|chapter)\*?\s*[\[{]")
 _BIB = re.compile(r"\\begin\{thebibliography\}|\\bibliography\{|\\printbibliography|\\begin\{references\}")
 _NEWCMD = re.compile(r"\\(?:re)?newcommand\*?\s*\{?\s*(\\[A-Za-z@]+)\s*\}?\s*(?:\[(\d)\])?\s*(?:\[([^\]]*)\])?\s*\{")

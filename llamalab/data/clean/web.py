@@ -9,8 +9,8 @@ trained models as ``lm``/``cutoffs``/``classifier``; any of them may be None to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from llamalab.data import filters as F
 from llamalab.data.clean import CleanResult, drop

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from llamalab.common import LlamalabError
 from llamalab.data.clean import CleanResult, drop
@@ -20,8 +20,8 @@ from llamalab.data.readers import Document, open_binary
 
 DROP_TAGS = {"ref", "table", "gallery", "math", "timeline", "imagemap", "references", "score", "syntaxhighlight",
              "source", "code", "chem", "graph", "mapframe", "templatestyles"}
-_MEDIA = re.compile(r"^\s*:?\s*(file|image|category|media)\s*:", re.I)
-_REDIRECT = re.compile(r"^\s*#redirect", re.I)
+_MEDIA = re.compile(r"^\s*:?\s*(file|image|category|media)\s*:", re.IGNORECASE)
+_REDIRECT = re.compile(r"^\s*#redirect", re.IGNORECASE)
 _BLANKS = re.compile(r"\n{3,}")
 
 
@@ -57,7 +57,7 @@ def _render(code) -> str:
     return "".join(out)
 
 
-_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S | re.I)
+_REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)
 _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
 _HTML = re.compile(r"</?[A-Za-z][^>]*>")
@@ -103,7 +103,7 @@ def wikitext_to_text(markup: str) -> str:
 def clean_wiki(markup: str, min_words: int = 20) -> CleanResult:
     if _REDIRECT.match(markup):
         return drop("wiki:redirect")
-    if re.search(r"\{\{\s*(disambiguation|disambig|dab)\b", markup, re.I):
+    if re.search(r"\{\{\s*(disambiguation|disambig|dab)\b", markup, re.IGNORECASE):
         return drop("wiki:disambiguation")
     text = wikitext_to_text(markup)
     if len(text.split()) < min_words:

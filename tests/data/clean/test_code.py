@@ -1,7 +1,12 @@
 import sysconfig
 from pathlib import Path
 
-from llamalab.data.clean.code import CodeConfig, clean_code, detect_license, strip_boilerplate
+from llamalab.data.clean.code import (
+    CodeConfig,
+    clean_code,
+    detect_license,
+    strip_boilerplate,
+)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -1,4 +1,9 @@
-from llamalab.data.clean.stackexchange import clean_thread, html_to_text, read_posts, read_threads
+from llamalab.data.clean.stackexchange import (
+    clean_thread,
+    html_to_text,
+    read_posts,
+    read_threads,
+)
 from tests.conftest import shared_path
 
 
