@@ -128,7 +128,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     if stripped.startswith("["):
         yield from _iter_json_array(path, text)
         return
-    for i, line in enumerate(text.splitlines(), 1):
+    # NOTE: split on "\n" only: str.splitlines() also breaks at U+2028, U+0085..., which JSON strings
+    # may hold unescaped (the ShareGPT sample does, line 1467)
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -74,6 +74,14 @@ def test_sharegpt_mask_covers_every_assistant_turn(tmp_path, sft_tok, template):
     assert ledger.loss_tokens == sum(ex.mask[1:])
 
 
+def test_jsonl_lines_split_on_newline_only(tmp_path, sft_tok):
+    rec = {"conversations": [{"from": "human", "value": "a\u2028b\x85c"}, {"from": "gpt", "value": "d\u2029e"}]}
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps(rec, ensure_ascii=False) + "\r\n" + json.dumps(CONV) + "\n", encoding="utf-8")
+    exs, ledger = load_sft_data([path], "sharegpt", "llama2", sft_tok, 512)
+    assert ledger.read == 2 and len(exs) == 2 and not ledger.dropped
+
+
 def test_openai_messages_format(tmp_path, sft_tok):
     rec = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Good day to you."}]}
     (ex,), _ = load_sft_data([write_jsonl(tmp_path / "m.jsonl", [rec])], "sharegpt", "llama2", sft_tok, 256)
