@@ -11,6 +11,7 @@ import torch
 
 from llamalab.checkpoint import load_model
 from llamalab.cli import main as cli
+from llamalab.finetune.lora import LoRAConfig
 from llamalab.finetune.sft import Config
 from llamalab.finetune.sft import main as sft_main
 from llamalab.inference.chat import answer
@@ -88,7 +89,7 @@ def test_cli_lora_end_to_end(tmp_path, tiny_base, capsys):
     assert cli(["generate", str(run / "model"), "--prompt", "Who is Kiyo?", "--max-tokens", "5",
                 "--temperature", "0"]) == 0
     # NOTE: a rank-8 adapter on a *random* tiny base cannot memorise the answers in a few steps (the
-    # frozen norms cap the logits); the learning check is the full fine-tuning test above.
+    # frozen norms cap the logits); LoRA's learning check is test_lora_learns_new_answers_on_a_tuned_base.
     curve = json.loads((run / "sft_summary.json").read_text())["loss_curve"]
     assert curve["last"] < 0.5 * curve["first"], curve
     assert len(_answers(run / "model")) == len(FACTS)  # `llamalab chat`'s answer() runs on the folder
@@ -147,3 +148,20 @@ def test_val_split_holds_out_whole_records():
     assert len(train) + len(val) == len(exs) and val
     assert not {e.record for e in train} & {e.record for e in val}
     assert len({e.record for e in val}) == 2
+
+
+def test_lora_learns_new_answers_on_a_tuned_base(tmp_path, tiny_base):
+    """LoRA (base frozen) re-targets a model that already follows the template: after full SFT on
+    FACTS, a rank-8 adapter learns the rotated answers, which the tuned base does not give."""
+    sft_main(Config(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", template="llama2",
+                    run_dir=str(tmp_path / "full"), steps=50, batch_size=4, lr=1e-2, checkpoint_interval=0))
+    rotated = [dict(f, output=FACTS[(i + 1) % len(FACTS)]["output"]) for i, f in enumerate(FACTS)]
+    (tmp_path / "rot.json").write_text(json.dumps(rotated), encoding="utf-8")
+    want = [r["output"] for r in rotated]
+    tuned = tmp_path / "full" / "model"
+    assert sum(a == w for a, w in zip(_answers(tuned), want)) == 0
+    out = sft_main(Config(base=str(tuned), data=[str(tmp_path / "rot.json")], format="alpaca",
+                          run_dir=str(tmp_path / "lora"), steps=30, batch_size=4, lr=1e-2, checkpoint_interval=0,
+                          lora=LoRAConfig(rank=8, dropout=0.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])))
+    assert out["template"] == "llama2"  # taken from the tuned base's folder
+    assert _answers(tmp_path / "lora" / "model") == want
