@@ -95,7 +95,7 @@ def init_sharded_weights(model: nn.Module, device: torch.device, seed: int) -> N
                 full = torch.randn(p.shape, generator=gen).mul_(s).to(p.dtype)
         if isinstance(p, DTensor):
             # every rank drew the same full matrix: slice locally, no communication (src_data_rank=None)
-            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            local = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
             p.to_local().copy_(local)
         else:
             p.copy_(full)

@@ -9,6 +9,11 @@ good checkpoint, if asked) and :meth:`Trainer.fit`.
 Guards (``llamalab.train.stability``): a NaN/Inf or spiking loss skips the optimizer step and the
 batch, or rolls back to the last checkpoint and never reads that batch again; every event goes to
 ``logbook.jsonl``. Metrics go to ``metrics.jsonl`` (and TensorBoard when asked), one line per step.
+
+Distributed: every rank runs ``fit`` (losses are all-reduced, so all ranks take the same branch
+at every guard); rank 0 writes the record. ``self.model`` may be DDP- or FSDP-wrapped: build the
+optimizer after wrapping (FSDP swaps parameters for shards), then ``restore()``, which loads a
+checkpoint of any world size. fp16: pass ``scaler`` (a ``GradScaler``); its state is checkpointed.
 """
 
 from __future__ import annotations
