@@ -219,11 +219,12 @@ def import_hf(src: str | Path, dst: str | Path) -> Path:
     return save_model(dst, model, tokenizer_path=tok, extra=extra)
 
 
-def _tokenizer_files(dst: Path, tok_path: Path | None, bos: int, eos: int) -> None:
+def _tokenizer_files(dst: Path, tok_path: Path | None, bos: int, eos: int, chat_template: str | None = None) -> None:
     if tok_path is None:
         return
     shutil.copyfile(tok_path, dst / "tokenizer.model")
-    write_json_atomic(dst / "tokenizer_config.json", {
+    extra = {"chat_template": chat_template} if chat_template else {}
+    write_json_atomic(dst / "tokenizer_config.json", {**extra,
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "pad_token": None, "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "legacy": True, "model_max_length": 1000000000000000019884624838656, "sp_model_kwargs": {},
@@ -232,8 +233,11 @@ def _tokenizer_files(dst: Path, tok_path: Path | None, bos: int, eos: int) -> No
 
 
 def export_hf(model: Transformer, dst: str | Path, tok_path: str | Path | None = None,
-              bos_id: int = 1, eos_id: int = 2) -> Path:
-    """Write ``model`` as a HF folder that ``LlamaForCausalLM.from_pretrained`` loads unchanged."""
+              bos_id: int = 1, eos_id: int = 2, chat_template: str | None = None) -> Path:
+    """Write ``model`` as a HF folder that ``LlamaForCausalLM.from_pretrained`` loads unchanged.
+
+    ``chat_template`` (Jinja) goes into ``tokenizer_config.json`` for ``apply_chat_template``.
+    """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     sd = state_to_hf(model)
@@ -244,7 +248,7 @@ def export_hf(model: Transformer, dst: str | Path, tok_path: str | Path | None =
         _save_sharded(sd, dst, total)
     write_json_atomic(dst / "config.json", config_to_hf(model.cfg, bos_id, eos_id))
     write_json_atomic(dst / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
-    _tokenizer_files(dst, Path(tok_path) if tok_path else None, bos_id, eos_id)
+    _tokenizer_files(dst, Path(tok_path) if tok_path else None, bos_id, eos_id, chat_template)
     return dst
 
 
@@ -277,4 +281,15 @@ def export_folder(src: str | Path, dst: str | Path) -> Path:
 
         t = Tokenizer(tok)
         bos, eos = t.bos_id, t.eos_id
-    return export_hf(model, dst, tok, bos, eos)
+    return export_hf(model, dst, tok, bos, eos, chat_template=_jinja_for(meta))
+
+
+def _jinja_for(meta: dict) -> str | None:
+    """The folder's chat template as Jinja: the original HF one when imported, else ours translated."""
+    if isinstance(meta.get("hf_chat_template"), str):
+        return meta["hf_chat_template"]
+    if meta.get("chat_template"):
+        from llamalab.tokenizer.chat import hf_chat_template
+
+        return hf_chat_template(meta["chat_template"])
+    return None

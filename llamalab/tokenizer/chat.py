@@ -145,6 +145,8 @@ def _user_only(out: list[Part], template: str, system: str | None, user: str, j:
     elif template == "alpaca":
         if j == 0:
             out += [Part(BOS, special=True), Part((system if system is not None else ALPACA_PREAMBLE) + "\n\n")]
+        else:
+            out.append(Part("\n\n"))
         out.append(Part(f"### Instruction:\n{user}"))
     else:
         if j == 0:
@@ -238,3 +240,50 @@ def resolve_template(meta: Mapping[str, Any] | None, override: str | None = None
         where = "--chat-template" if override else "config.json chat_template"
         raise LlamalabError(f"{where}: unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
     return name
+
+
+def _jinja_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string literal is a valid Jinja string literal
+
+
+def hf_chat_template(template: str) -> str:
+    """The template as a Hugging Face ``chat_template`` (Jinja) that renders exactly like :func:`render_text`.
+
+    Written into ``tokenizer_config.json`` on HF export, so ``tokenizer.apply_chat_template`` in
+    transformers (and tools built on it) format conversations the way the model was tuned.
+    """
+    if template not in TEMPLATES:
+        raise LlamalabError(f"chat_template: unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    head = ("{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}")
+    gen = "(not loop.last or add_generation_prompt)"
+    if template == "llama2":
+        body = ("{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+                "{%- if loop.first and system is not none -%}"
+                "{%- set u = '<<SYS>>\n' + (system | trim) + '\n<</SYS>>\n\n' + (m['content'] | trim) -%}"
+                "{%- else -%}{%- set u = m['content'] | trim -%}{%- endif -%}"
+                "{{ bos_token + '[INST] ' + u + ' [/INST]' }}"
+                "{%- else -%}{{ ' ' + (m['content'] | trim) + ' ' + eos_token }}{%- endif -%}{%- endfor -%}")
+    elif template == "vicuna":
+        body = ("{{ bos_token + (system if system is not none else " + _jinja_str(VICUNA_SYSTEM) + ") + ' ' }}"
+                "{%- for m in turns -%}{%- if m['role'] == 'user' -%}{{ 'USER: ' + m['content'] }}"
+                "{%- if " + gen + " %}{{ ' ASSISTANT:' }}{%- endif -%}"
+                "{%- else -%}{{ ' ' + m['content'] + eos_token }}{%- endif -%}{%- endfor -%}")
+    elif template == "alpaca":
+        body = ("{{ bos_token + (system if system is not none else " + _jinja_str(ALPACA_PREAMBLE) + ") }}"
+                "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+                "{{ '\n\n### Instruction:\n' + m['content'] }}"
+                "{%- if " + gen + " %}{{ '\n\n### Response:\n' }}{%- endif -%}"
+                "{%- else -%}{{ m['content'] + eos_token }}{%- endif -%}{%- endfor -%}")
+    else:
+        body = ("{{ bos_token }}{%- if system is not none -%}"
+                "{{ '<|im_start|>system\n' + system + '<|im_end|>\n' }}{%- endif -%}"
+                "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+                "{{ '<|im_start|>user\n' + m['content'] + '<|im_end|>\n' }}"
+                "{%- if " + gen + " %}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+                "{%- else -%}{{ m['content'] + '<|im_end|>\n' }}{%- endif -%}{%- endfor -%}")
+    return head + body
+

@@ -92,3 +92,32 @@ def test_generate_command(model_folder, tmp_path, capsys):
     assert capsys.readouterr().out.count("=== ") == 2
     assert main(["generate", str(model_folder), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+CONVERSATIONS = [
+    CONV,
+    CONV[1:],  # no system prompt
+    CONV[:3],  # ends with an answer
+    [{"role": "user", "content": "  padded  "}],
+    CONV[:3] + [{"role": "user", "content": "More?"}, {"role": "assistant", "content": "No more."}],
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("gen", [True, False])
+def test_hf_jinja_template_renders_like_ours(template, gen):
+    """The Jinja written into an HF export renders every conversation exactly like render_text."""
+    jinja2 = pytest.importorskip("jinja2")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from llamalab.tokenizer.chat import hf_chat_template
+
+    # the environment transformers' apply_chat_template uses
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    tpl = env.from_string(hf_chat_template(template))
+    for conv in CONVERSATIONS:
+        if not gen and conv[-1]["role"] == "assistant":
+            continue
+        ours = render_text(conv, template, add_generation_prompt=gen)
+        theirs = tpl.render(messages=conv, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
+        assert theirs == ours, (template, gen, conv)

@@ -123,3 +123,23 @@ def test_corrupt_weights_and_checksums(tmp_path):
         load_model(d, verify=False)
     with pytest.raises(LlamalabError, match="model folder not found"):
         load_model(tmp_path / "missing")
+
+
+def test_export_carries_the_chat_template(tmp_path):
+    """A model folder with a chat template exports an HF tokenizer whose apply_chat_template matches ours."""
+    transformers = pytest.importorskip("transformers")
+    from llamalab.tokenizer import Tokenizer
+    from llamalab.tokenizer.chat import render
+
+    tok_file = shared_path("tokenizer/llama_spm/llama_tokenizer.model")
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=16, max_seq_len=64)
+    model = Transformer(cfg)
+    save_model(tmp_path / "m", model, tokenizer_path=tok_file, extra={"chat_template": "vicuna"})
+    convert(ConvertConfig(src=str(tmp_path / "m"), dst=str(tmp_path / "hf"), to="hf"))
+    conv = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = hf_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s>A chat between") and text.endswith("USER: Another? ASSISTANT:")
+    ids, _ = render(conv, "vicuna", Tokenizer(tok_file))
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
