@@ -27,6 +27,7 @@ the newest one that verifies, with a message. All checkpoints are kept by defaul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -305,6 +306,34 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
     folder = Path(folder)
     verify_checkpoint(folder)
     meta = read_json(folder / "state.json", what="checkpoint state")
+    with _keep_implementation(optimizer):
+        _load_weights_and_optimizer(folder, model, optimizer, meta)
+    if restore_rng:
+        set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
+    return TrainState.from_json(meta), meta.get("config", {})
+
+
+IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+@contextlib.contextmanager
+def _keep_implementation(optimizer: torch.optim.Optimizer | None):
+    """Loading a state dict also loads the saved run's kernel choice (``fused`` ...); keep ours.
+    NOTE: a fused AdamW handed ``fused=False`` by a checkpoint fails under a GradScaler."""
+    flags = [{k: g[k] for k in IMPL_FLAGS if k in g} for g in optimizer.param_groups] if optimizer else []
+    yield
+    for g, f in zip(optimizer.param_groups if optimizer else [], flags):
+        g.update(f)
+        if not (g.get("fused") or g.get("capturable")):
+            continue
+        for p in g["params"]:  # fused/capturable kernels want ``step`` on the parameter's device
+            st = optimizer.state.get(p, {})
+            if isinstance(st.get("step"), torch.Tensor) and st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device, torch.float32)
+
+
+def _load_weights_and_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                                meta: dict[str, Any]) -> None:
     if (folder / "dcp").is_dir():
         _load_dcp(folder / "dcp", model, optimizer)
     elif is_sharded(model):
@@ -314,9 +343,6 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / "model"))
         if optimizer is not None:
             load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
-    if restore_rng:
-        set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
-    return TrainState.from_json(meta), meta.get("config", {})
 
 
 def checkpoint_summary(folder: Path) -> dict[str, Any]:

@@ -231,7 +231,10 @@ def main(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.seed)
     strategy = resolve_strategy(cfg.parallel, world)
     model, autocast = build_parallel_model(plan.model_cfg, cfg.parallel, device, dtype, cfg.seed, world)
-    optimizer = build_optimizer(model, cfg.optim, plan.peak_lr)
+    optim_cfg = cfg.optim
+    if dtype == torch.float16 and strategy == "fsdp":  # NOTE: fused AdamW rejects ShardedGradScaler's
+        optim_cfg = dataclasses.replace(cfg.optim, fused=False)  # found_inf (shape [1], torch 2.13)
+    optimizer = build_optimizer(model, optim_cfg, plan.peak_lr)
     scaler = make_grad_scaler(device, dtype, strategy)
     peak = cfg.peak_flops or measure_matmul_peak(device, torch.float32 if dtype == torch.float32 else dtype)
     fpt = flops_per_token(plan.model_cfg, plan.seq_len)

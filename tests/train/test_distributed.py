@@ -22,8 +22,12 @@ from tests.train.conftest import small_config
 # gradient accumulation (and skipping the sync between micro-steps) is exercised both ways.
 RUN = dict(steps=4, micro_batch_size=2, checkpoint_interval=2, eval_interval=0, optim={"lr": 3e-3, "warmup_steps": 1})
 LOSS_TOL = 2e-5  # fp32: different summation orders across ranks
-# Adam divides by sqrt(v): rows with near-zero gradients turn 1e-7 differences into ~5e-5. A lost or
-# stale optimizer state, a skipped step or a wrong learning rate moves weights by ~lr = 3e-3.
+# Adam divides by sqrt(v): an entry whose gradient is pure rounding noise (a vocabulary row the batch
+# hardly touches) moves by up to ~lr either way, so single entries may differ by 1e-4..1e-3 between
+# summation orders. Compared per tensor instead: nearly every entry within 1e-4 and the difference's
+# norm within 1e-4 of the tensor's. A lost or stale optimizer state, a skipped step or a wrong learning
+# rate moves every entry by ~lr = 3e-3 (a relative difference ~0.1); a wrong gradient scale shows in
+# the gradient norms.
 WEIGHT_TOL = 1e-4
 
 
@@ -42,7 +46,9 @@ def weights(run, step):
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=WEIGHT_TOL, rtol=0, msg=lambda m: f"{k}: {m}")
+        diff = (a[k] - b[k]).abs()
+        assert (diff <= WEIGHT_TOL).float().mean() >= 0.999, (k, diff.max())
+        assert float(diff.norm()) <= WEIGHT_TOL * float(a[k].norm()), (k, float(diff.norm()), float(a[k].norm()))
 
 
 def assert_same_losses(a, b, steps):
@@ -269,3 +275,24 @@ def test_fused_cross_entropy_matches_the_plain_loss_and_gradients(tiny_config):
     token_loss_sum(plain(x), y).backward()
     for (n, p), q in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_resume_keeps_this_runs_optimizer_kernel(tiny_config, tmp_path):
+    """A checkpoint from a run with plain AdamW (e.g. fp16 + FSDP) resumed by one with fused AdamW
+    under a GradScaler: loading must not hand the fused optimizer ``fused=False`` (it then fails)."""
+    from llamalab.model.transformer import Transformer
+    from llamalab.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+    from llamalab.train.loop import clip_and_step, forward_backward
+
+    model = Transformer(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (2, 9))
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+    forward_backward(model, [(x, x)])
+    clip_and_step(model, plain, 1.0)
+    path = save_checkpoint(tmp_path, model, plain, TrainState(step=1), {})
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    load_checkpoint(path, model, fused)
+    assert all(g["fused"] for g in fused.param_groups)
+    scaler = torch.amp.GradScaler("cpu")
+    forward_backward(model, [(x, x)], scaler=scaler)
+    assert math.isfinite(clip_and_step(model, fused, 1.0, scaler))
