@@ -21,7 +21,7 @@ from llamalab.common import LlamalabError, dist_info
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "auto"  # auto | none | ddp | fsdp
+    strategy: str = "auto"  # auto | none | ddp | fsdp | tp (tensor parallel, one group of all ranks)
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # with every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each block (CPU needs a C++ compiler)
@@ -75,8 +75,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: 
 
 def resolve_strategy(cfg: ParallelConfig, world: int) -> str:
     """``auto`` -> ddp when launched with several processes, else none; validates the name."""
-    if cfg.strategy not in ("auto", "none", "ddp", "fsdp"):
-        raise LlamalabError(f"parallel.strategy must be auto, none, ddp or fsdp, got {cfg.strategy!r}")
+    if cfg.strategy not in ("auto", "none", "ddp", "fsdp", "tp"):
+        raise LlamalabError(f"parallel.strategy must be auto, none, ddp, fsdp or tp, got {cfg.strategy!r}")
     if cfg.strategy == "auto":
         return "ddp" if world > 1 else "none"
     if cfg.strategy == "none" and world > 1:
@@ -112,8 +112,18 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device,
         from llamalab.train.fsdp import apply_fsdp
 
         return apply_fsdp(model, device, param_dtype)
+    if strategy == "tp":
+        from llamalab.train.tensor_parallel import apply_tensor_parallel
+
+        return apply_tensor_parallel(model, device)
     raise AssertionError(strategy)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def data_parallel_world(model: nn.Module) -> int:
+    """How many ranks read different data: the world size, or 1 under pure tensor parallelism."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return getattr(unwrap(model), "dp_world", world)

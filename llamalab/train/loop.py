@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llamalab.train.distributed import data_parallel_world
 from llamalab.train.fused_ce import find_fused_head, fused_loss_sum
 
 IGNORE_INDEX = -100
@@ -53,12 +54,8 @@ def model_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return token_loss_sum(model(x), y)
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _global_count(n: int, device: torch.device) -> int:
-    if _world() == 1:
+def _global_count(n: int, device: torch.device, dp_world: int) -> int:
+    if dp_world == 1:
         return n
     t = torch.tensor([n], dtype=torch.long, device=device)
     dist.all_reduce(t)
@@ -82,8 +79,9 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Ten
     """Accumulate gradients of the global-batch-mean loss over this rank's micro-batches."""
     device = next(model.parameters()).device
     local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
-    n_global = _global_count(local, device)
-    scale = _world() / max(n_global, 1)
+    dp_world = data_parallel_world(model)  # 1 under tensor parallelism: every rank has the same batch
+    n_global = _global_count(local, device, dp_world)
+    scale = dp_world / max(n_global, 1)
     total = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -94,7 +92,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Ten
             loss = loss_sum.float() * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()
-    if _world() > 1:
+    if dp_world > 1:
         dist.all_reduce(total)
     return StepResult(loss=float(total) / max(n_global, 1), n_tokens=n_global)
 
@@ -109,7 +107,11 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad
     params = [p for p in model.parameters() if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    if _mixes_dtensors(params):  # tensor parallel: sharded blocks, replicated embeddings and norms
+        norm = _clip_mixed(params, max_norm)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor holding partial norms
         norm = norm.full_tensor()
     if scaler is not None:
@@ -119,6 +121,26 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+def _mixes_dtensors(params: list[torch.Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    return len(kinds) == 2
+
+
+def _clip_mixed(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over DTensor and plain gradients together (torch's refuses the mix)."""
+    norms = []
+    for p in params:
+        n = torch.linalg.vector_norm(p.grad, 2.0)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef)
+    return total
 
 
 def split_micro(x: torch.Tensor, y: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

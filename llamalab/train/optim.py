@@ -46,13 +46,22 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.AdamW:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     dev = next(model.parameters()).device
-    kw = {}
-    if cfg.fused and dev.type in ("cuda", "cpu"):
+    kw: dict = {}
+    if _mixes_dtensors(model):  # NOTE: fused and foreach kernels refuse DTensor + Tensor in one call
+        kw["foreach"] = False
+    elif cfg.fused and dev.type in ("cuda", "cpu"):
         kw["fused"] = True
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
     except (RuntimeError, TypeError):  # fused not supported for this device/dtype
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _mixes_dtensors(model: nn.Module) -> bool:
+    """Tensor parallel models: sharded (DTensor) block weights next to plain replicated ones."""
+    from torch.distributed.tensor import DTensor
+
+    return len({isinstance(p, DTensor) for p in model.parameters()}) == 2
 
 
 def effective_warmup(warmup_steps: int, total_steps: int) -> int:

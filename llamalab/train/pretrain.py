@@ -166,7 +166,7 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype, strategy: str) ->
     """fp16 only: dynamic loss scaling (OPT); sharded runs agree on overflows across ranks."""
     if dtype != torch.float16:
         return None
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "tp"):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(device.type)
@@ -216,7 +216,10 @@ def main(cfg: Config) -> dict[str, Any]:
     data_root = Path(cfg.data)
     model_cfg = build_model_config(cfg, load_manifest(data_root)["vocab_size"])
     train = TokenDataset.open(data_root, "train", resolve_seq_len(cfg, model_cfg), verify=True)
-    plan = make_plan(cfg, train, model_cfg, world)
+    strategy = resolve_strategy(cfg.parallel, world)
+    # ranks reading different data: all of them, except under tensor parallelism (one shared batch)
+    dp_world, dp_rank = (1, 0) if strategy == "tp" else (world, rank)
+    plan = make_plan(cfg, train, model_cfg, dp_world)
     val = TokenDataset.open(data_root, "val", plan.seq_len)
     if train.n_windows < plan.global_seqs:
         raise LlamalabError(f"{data_root}: {train.n_windows} training windows of {plan.seq_len + 1} tokens, fewer than "
@@ -229,19 +232,18 @@ def main(cfg: Config) -> dict[str, Any]:
         write_json_atomic(run / "data" / MANIFEST, train.manifest)
 
     seed_everything(cfg.seed)
-    strategy = resolve_strategy(cfg.parallel, world)
     model, autocast = build_parallel_model(plan.model_cfg, cfg.parallel, device, dtype, cfg.seed, world)
     optim_cfg = cfg.optim
-    if dtype == torch.float16 and strategy == "fsdp":  # NOTE: fused AdamW rejects ShardedGradScaler's
+    if dtype == torch.float16 and strategy in ("fsdp", "tp"):  # NOTE: fused AdamW rejects ShardedGradScaler's
         optim_cfg = dataclasses.replace(cfg.optim, fused=False)  # found_inf (shape [1], torch 2.13)
     optimizer = build_optimizer(model, optim_cfg, plan.peak_lr)
     scaler = make_grad_scaler(device, dtype, strategy)
     peak = cfg.peak_flops or measure_matmul_peak(device, torch.float32 if dtype == torch.float32 else dtype)
     fpt = flops_per_token(plan.model_cfg, plan.seq_len)
-    per_rank = plan.global_seqs // world
+    per_rank = plan.global_seqs // dp_world
 
     def batch(b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        windows = train.batch_windows(b, plan.global_seqs, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        windows = train.batch_windows(b, plan.global_seqs, cfg.seed)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         return split_micro(*train.get_batch(windows), plan.micro)
 
     settings = LoopSettings(
@@ -261,7 +263,8 @@ def main(cfg: Config) -> dict[str, Any]:
                                            "n_params": n_params})
     print0(f"pretrain: {plan.model_cfg.n_layers}L/{plan.model_cfg.dim}d, {n_params:,} params | "
            f"{plan.steps} steps x {plan.global_seqs} seqs x {plan.seq_len} tokens "
-           f"(micro {plan.micro} x accum {plan.accum} x world {world}) | {train.n_windows:,} train windows "
+           f"(micro {plan.micro} x accum {plan.accum} x data-parallel {dp_world} of world {world}) | "
+           f"{train.n_windows:,} train windows "
            f"= {train.epochs_for(plan.steps, plan.global_seqs):.2f} epochs | lr {plan.peak_lr:g}, warmup {plan.warmup} | "
            f"{device} {str(dtype).replace('torch.', '')} | {strategy}")
     return trainer.fit()

@@ -1,7 +1,8 @@
-"""Distributed and memory-saving training on CPU (2 gloo processes): DDP and FSDP2 train like one
-process with the same global batch; checkpoints re-shard across world sizes (2 -> 1 and 1 -> 2)
-and training continues with the same losses; activation checkpointing changes memory, not
-results; fp16 loss scaling skips overflowed steps; launch and batch mistakes give clear errors."""
+"""Distributed and memory-saving training on CPU (2 gloo processes): DDP, FSDP2 and tensor
+parallelism train like one process with the same global batch; checkpoints re-shard across world
+sizes (2 -> 1 and 1 -> 2) and training continues with the same losses; activation checkpointing
+changes memory, not results; fp16 loss scaling skips overflowed steps; launch and batch mistakes
+give clear errors."""
 
 from __future__ import annotations
 
@@ -113,6 +114,18 @@ def test_single_process_checkpoint_resumes_sharded(botchan_shards, single, tmp_p
              {**RUN, "resume": True, "parallel": {"strategy": "fsdp"}})
     assert_same_losses(single, run, [3, 4])
     assert_same_weights(weights(single, 4), weights(run, 4))
+
+
+def test_tensor_parallel_matches_one_process_and_resumes_with_one(botchan_shards, single, tmp_path):
+    run = tmp_path / "tp"
+    run_gloo(_pretrain_worker, 2, str(botchan_shards), str(run), {**RUN, "parallel": {"strategy": "tp"}})
+    assert_same_losses(single, run, range(1, 5))
+    assert_same_weights(weights(single, 4), weights(run, 4))
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["strategy"] == "tp" and meta["plan"]["accum"] == 4  # both ranks read the whole batch
+    shutil.rmtree(run / "checkpoints/step_000004")
+    pretrain(small_config(botchan_shards, run, resume=True, **RUN))  # TP shards -> one process
+    assert_same_losses(single, run, [3, 4])
 
 
 def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(fsdp2, tmp_path):
