@@ -7,7 +7,8 @@ stability guard, whether the optimizer steps.
 Loss normalisation: the loss is a sum over target tokens divided by the number of target tokens
 in the *global* batch (all micro-batches, all ranks), so that accumulation and data parallelism give
 the same gradient as one big batch, also when loss masks leave different numbers of tokens per
-micro-batch (SFT). DDP averages gradients over ranks, hence the ``world_size`` factor.
+micro-batch (SFT). DDP and FSDP average gradients over ranks, hence the data-parallel world-size
+factor (1 under tensor parallelism, where every rank holds the same batch).
 NOTE: only the last micro-batch synchronises gradients: DDP's ``no_sync`` and FSDP2's
 ``set_requires_gradient_sync(False)`` on the others (FSDP then keeps unsharded fp32 gradients
 between micro-steps: more memory, one reduce-scatter per step instead of one per micro-batch).

@@ -166,7 +166,7 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype, strategy: str) ->
     """fp16 only: dynamic loss scaling (OPT); sharded runs agree on overflows across ranks."""
     if dtype != torch.float16:
         return None
-    if strategy in ("fsdp", "tp"):
+    if strategy == "fsdp":
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(device.type)
@@ -219,6 +219,9 @@ def main(cfg: Config) -> dict[str, Any]:
     strategy = resolve_strategy(cfg.parallel, world)
     # ranks reading different data: all of them, except under tensor parallelism (one shared batch)
     dp_world, dp_rank = (1, 0) if strategy == "tp" else (world, rank)
+    if strategy == "tp" and dtype == torch.float16:
+        raise LlamalabError("dtype fp16 with parallel.strategy=tp is not supported (the loss scaler cannot mix "
+                            "sharded and replicated gradients): use bf16 or fp32")
     plan = make_plan(cfg, train, model_cfg, dp_world)
     val = TokenDataset.open(data_root, "val", plan.seq_len)
     if train.n_windows < plan.global_seqs:
@@ -234,7 +237,7 @@ def main(cfg: Config) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model, autocast = build_parallel_model(plan.model_cfg, cfg.parallel, device, dtype, cfg.seed, world)
     optim_cfg = cfg.optim
-    if dtype == torch.float16 and strategy in ("fsdp", "tp"):  # NOTE: fused AdamW rejects ShardedGradScaler's
+    if dtype == torch.float16 and strategy == "fsdp":  # NOTE: fused AdamW rejects ShardedGradScaler's
         optim_cfg = dataclasses.replace(cfg.optim, fused=False)  # found_inf (shape [1], torch 2.13)
     optimizer = build_optimizer(model, optim_cfg, plan.peak_lr)
     scaler = make_grad_scaler(device, dtype, strategy)
