@@ -186,7 +186,8 @@ def write_meta(run: Path, cfg: Config, plan: Plan, data_root: Path, extra: dict[
         history = []
         if old.exists():
             prev = json.loads(old.read_text())
-            history = prev.get("history", []) + [{k: prev[k] for k in ("config", "plan", "git_sha") if k in prev}]
+            kept = ("config", "plan", "git_sha", "world_size", "strategy")  # a resize shows in the history
+            history = prev.get("history", []) + [{k: prev[k] for k in kept if k in prev}]
         write_json_atomic(old, {**meta, "history": history})
     return meta
 

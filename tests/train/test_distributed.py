@@ -104,6 +104,8 @@ def test_fsdp_checkpoint_resumes_with_one_process(botchan_shards, single, fsdp2,
     assert_same_weights(weights(single, 4), weights(run, 4))
     restart = [json.loads(x) for x in (run / "logbook.jsonl").read_text().splitlines() if '"restart"' in x]
     assert restart and restart[-1]["step"] == 2
+    meta = json.loads((run / "meta.json").read_text())  # the record shows the resize
+    assert (meta["world_size"], meta["history"][-1]["world_size"], meta["history"][-1]["strategy"]) == (1, 2, "fsdp")
 
 
 def test_single_process_checkpoint_resumes_sharded(botchan_shards, single, tmp_path):
