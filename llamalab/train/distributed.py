@@ -1,8 +1,15 @@
 """Parallelism and memory savers, applied to the model from outside (the torchtitan way).
 
 The model never knows it is distributed: this module initialises the process group from
-torchrun's environment, wraps blocks for activation checkpointing, and wraps the model for data
-parallelism. ``parallelize`` is the one entry point the trainers call.
+torchrun's environment, installs the fused loss head, wraps blocks for activation checkpointing,
+and wraps the model for parallelism. ``parallelize`` is the one entry point the trainers call.
+
+Strategies: ``ddp`` (full replica per rank, one gradient all-reduce per step: simplest and fastest
+while the model, its gradients and AdamW states fit), ``fsdp`` (FSDP2: parameters, gradients and
+optimizer states sharded, weights all-gathered per block: for models that do not fit; see
+``fsdp.py``), ``tp`` (tensor parallel blocks over all ranks, activations all-reduced per block:
+only worth it over fast links; see ``tensor_parallel.py``). Activation checkpointing trades about
+a third more compute for keeping only block inputs.
 """
 
 from __future__ import annotations
