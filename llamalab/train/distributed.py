@@ -33,6 +33,7 @@ class ParallelConfig:
     ac_every: int = 2  # with every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each block (CPU needs a C++ compiler)
     fused_loss: bool = True  # chunked output projection + cross-entropy, no logits tensor (fused_ce.py)
+    sequence_parallel: bool = False  # with strategy tp: norms and the residual stream split by sequence
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:
@@ -122,7 +123,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, device: torch.device,
     if strategy == "tp":
         from llamalab.train.tensor_parallel import apply_tensor_parallel
 
-        return apply_tensor_parallel(model, device)
+        return apply_tensor_parallel(model, device, cfg.sequence_parallel)
     raise AssertionError(strategy)
 
 

@@ -130,6 +130,33 @@ def test_tensor_parallel_matches_one_process_and_resumes_with_one(botchan_shards
     assert_same_losses(single, run, [3, 4])
 
 
+def _sequence_parallel_worker(rank: int, world: int) -> None:
+    from llamalab.model import ModelConfig
+    from llamalab.model.transformer import Transformer
+    from llamalab.train.tensor_parallel import apply_tensor_parallel
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16, max_seq_len=16)
+    ref = Transformer(cfg)
+    ref.init_weights(seed=5)
+    tp = Transformer(cfg)
+    tp.load_state_dict(ref.state_dict())
+    apply_tensor_parallel(tp, torch.device("cpu"), sequence_parallel=True)
+    seen = []
+    tp.layers[1].register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tp(x), ref(x), atol=1e-5, rtol=1e-4)
+    assert seen == [(2, 8, 64)]  # between blocks each rank holds half of the sequence
+
+
+def test_sequence_parallel_splits_the_residual_stream_not_the_result(botchan_shards, single, tmp_path):
+    run_gloo(_sequence_parallel_worker, 2)
+    run = tmp_path / "sp"
+    run_gloo(_pretrain_worker, 2, str(botchan_shards), str(run),
+             {**RUN, "parallel": {"strategy": "tp", "sequence_parallel": True}})
+    assert_same_losses(single, run, range(1, 5))
+    assert_same_weights(weights(single, 4), weights(run, 4))
+
+
 def test_a_corrupt_shard_falls_back_to_the_previous_checkpoint(fsdp2, tmp_path):
     from llamalab.train.checkpoint import latest_good_checkpoint
 
