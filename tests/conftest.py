@@ -78,9 +78,16 @@ def run_gloo(fn, world_size: int = 2, *args) -> None:
     """
     import torch.multiprocessing as mp
 
-    port = free_port()
-    mp.start_processes(_gloo_entry, args=(world_size, port, fn, args), nprocs=world_size, join=True,
-                       start_method="spawn")
+    # NOTE: free_port() closes its socket before gloo binds the port, so another process can take it
+    # in between; a bind failure (and only that) is retried on a fresh port.
+    for attempt in range(3):
+        try:
+            mp.start_processes(_gloo_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                               join=True, start_method="spawn")
+            return
+        except Exception as e:  # torch.multiprocessing.ProcessRaisedException carries the rank's traceback
+            if attempt == 2 or not any(m in str(e) for m in ("Address already in use", "EADDRINUSE")):
+                raise
 
 
 def _gloo_entry(rank: int, world_size: int, port: int, fn, args) -> None:
