@@ -43,12 +43,12 @@ def crawl(tmp_path_factory, botchan_paragraphs, wiki_texts):
     return d
 
 
-def _run(crawl: Path, out: Path, workers: int = 1, **kw) -> Ledger:
+def _run(crawl: Path, out: Path, workers: int = 1, executor: str = "local", **kw) -> Ledger:
     sources = [SourceSpec("web", "web", [str(crawl / "web")]), SourceSpec("notes", "text", [str(crawl / "notes")]),
                SourceSpec("arxiv", "arxiv", [str(shared_path("corpus/arxiv"))])]
     s = CleanSettings(reference=[str(crawl / "ref" / "wiki.txt")], calib_docs=40, min_reference_score=0.0,
                       eval_files=[str(shared_path("eval/gsm8k_100.jsonl"))], shard_docs=8, **kw)
-    return run_clean(sources, s, out, workers=workers)
+    return run_clean(sources, s, out, workers=workers, executor=executor)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,15 @@ def test_two_processes_byte_identical(run1, crawl, tmp_path):
     out1, led1 = run1
     led2 = _run(crawl, tmp_path / "run2", workers=2)
     assert _outputs(out1) == _outputs(tmp_path / "run2")
+    assert led1.to_dict() == led2.to_dict()
+
+
+def test_ray_executor_byte_identical(run1, crawl, tmp_path):
+    """The Ray adapter (a local Ray cluster) writes the same bytes and ledger as the local executor."""
+    pytest.importorskip("ray")
+    out1, led1 = run1
+    led2 = _run(crawl, tmp_path / "ray", executor="ray")
+    assert _outputs(out1) == _outputs(tmp_path / "ray")
     assert led1.to_dict() == led2.to_dict()
 
 
