@@ -294,6 +294,16 @@ def _clean_one(kind: str, doc: Document, shard_index: int, ctx: dict) -> CleanRe
     return CleanResult(doc.text) if doc.text.strip() else CleanResult(None, "text:empty")
 
 
+def _text_bytes(doc) -> int:
+    """Bytes of a document's text; a Stack Exchange thread also counts its title and answers."""
+    n = len(doc.text.encode("utf-8"))
+    q = doc.meta.get("question") if isinstance(doc.meta, dict) else None
+    if isinstance(q, dict):
+        n += len(str(q.get("Title", "")).encode("utf-8"))
+        n += sum(len(str(a.get("Body", "")).encode("utf-8")) for a in doc.meta.get("answers", []))
+    return n
+
+
 def _context(task: dict, spec: SourceSpec, s: CleanSettings) -> dict:
     out = Path(task["out"])
     ctx: dict = {"settings": s, "seen_here": set()}
@@ -324,7 +334,7 @@ def clean_task(task: dict) -> dict:
     with open(tmp, "w", encoding="utf-8") as f:
         for doc in shard_documents(spec, shard, s.on_error, led):
             led.read += 1
-            led.bytes_read += len(doc.text.encode("utf-8"))  # text bytes: compressed inputs compare fairly
+            led.bytes_read += _text_bytes(doc)  # text bytes: compressed inputs compare fairly
             res = _clean_one(spec.kind, doc, shard["index"], ctx)
             for reason, lines in res.dropped_lines.items():
                 led.drop_lines("clean", reason, doc.id, lines)
