@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,14 +218,16 @@ def _load_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
 
-    if optimizer is None:
-        msd = get_model_state_dict(model)
-        dcp.load({"model": msd}, checkpoint_id=str(folder))
-        set_model_state_dict(model, msd)
-        return
-    msd, osd = get_state_dict(model, optimizer)  # NOTE: initialises empty AdamW state so it can be filled
-    dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    with warnings.catch_warnings():  # a 1-process resume of a sharded run is intended, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        if optimizer is None:
+            msd = get_model_state_dict(model)
+            dcp.load({"model": msd}, checkpoint_id=str(folder))
+            set_model_state_dict(model, msd)
+            return
+        msd, osd = get_state_dict(model, optimizer)  # NOTE: initialises empty AdamW state so it can be filled
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(folder))
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
 def _load_full_into_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
