@@ -96,7 +96,7 @@ class Transformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        freqs_cis = torch.view_as_complex(self.freqs_cis[start_pos:start_pos + T].float())  # (T, D/2)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + T].float()  # (T, D/2, 2): cos, sin
         for layer in self.layers:
             h = layer(h, freqs_cis, kv_cache, start_pos, mask)
         h = self.norm(h)
