@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import torch
 from llamalab.checkpoint import load_model, save_model
 from llamalab.common import (
     LlamalabError,
+    is_rank0,
     print0,
     resolve_device,
     resolve_dtype,
@@ -47,6 +47,7 @@ from llamalab.finetune.data import FORMATS, OVERLONG, Example, load_sft_data
 from llamalab.finetune.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from llamalab.finetune.packing import collate, pack_rows, sft_loss
 from llamalab.tokenizer.chat import TEMPLATES, resolve_template
+from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize
 from llamalab.train.loop import IGNORE_INDEX
 from llamalab.train.optim import OptimConfig, build_optimizer
 from llamalab.train.pretrain import autocast_for
@@ -121,16 +122,27 @@ def plan_steps(cfg: Config, n_rows: int) -> tuple[int, int, int]:
 
 
 def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_epoch: int, micro: int,
-                  pad_id: int, seed: int):
-    """``batch(b)``: global batch b = rows of epoch b // per_epoch in that epoch's shuffled order
-    (a pure function of b, so resume and rollback replay exactly)."""
+                  pad_id: int, seed: int, rank: int = 0, world: int = 1):
+    """``batch(b)``: this rank's share of global batch b = rows of epoch b // per_epoch in that
+    epoch's shuffled order (a pure function of b and independent of the world size, so resume,
+    rollback and a resize replay exactly). Ranks take contiguous slices of the global rows.
+
+    NOTE: an epoch's last batch can hold fewer rows than ranks; a rank left without rows gets one
+    all-padding row with no targets, so every rank still runs backward (DDP would hang otherwise)
+    and the loss and gradients are unchanged.
+    """
 
     def batch(b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         epoch, j = divmod(b, per_epoch)
         order = list(range(len(rows)))
         random.Random(seed * 1000 + epoch).shuffle(order)
         picked = [rows[i] for i in order[j * g:(j + 1) * g]]
-        return [collate(examples, picked[k:k + micro], pad_id) for k in range(0, len(picked), micro)]
+        share = -(-len(picked) // world)
+        mine = picked[rank * share:(rank + 1) * share]
+        if not mine:
+            x, y = collate(examples, picked[:1], pad_id)
+            return [(torch.full_like(x, pad_id).index_fill_(1, torch.tensor([1]), 0), torch.full_like(y, IGNORE_INDEX))]
+        return [collate(examples, mine[k:k + micro], pad_id) for k in range(0, len(mine), micro)]
 
     return batch
 
@@ -183,9 +195,10 @@ def loss_curve(run: Path) -> dict[str, Any]:
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LlamalabError("sft runs in one process for now (no torchrun); use one GPU or the CPU")
     device = resolve_device(cfg.device)
+    rank, local_rank, world = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
     dtype = resolve_dtype(cfg.dtype, device)
     base = Path(cfg.base)
     model, meta = load_model(base)
@@ -212,17 +225,22 @@ def main(cfg: Config) -> dict[str, Any]:
     rows = pack_rows(examples, seq_len, cfg.packing, cfg.seed)
     fill = sum(len(e) for e in examples) / (len(rows) * seq_len)
     g, per_epoch, steps = plan_steps(cfg, len(rows))
-    micro = cfg.micro_batch_size or min(g, 8)
+    if g % world:
+        raise LlamalabError(f"sft: --batch-size {g} rows does not divide by the {world} data-parallel processes")
+    micro = cfg.micro_batch_size or min(g // world, 8)
     run = Path(cfg.run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run / "sft_data.json", {**ledger.to_json(), "rows": len(rows), "seq_len": seq_len,
-                                              "packing": cfg.packing, "fill": fill, "template": template})
+    if is_rank0():
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run / "sft_data.json", {**ledger.to_json(), "rows": len(rows), "seq_len": seq_len,
+                                                  "packing": cfg.packing, "fill": fill, "template": template})
 
     seed_everything(cfg.seed)
     n_trainable = model.num_params()
     if cfg.lora.rank:
         n_trainable = apply_lora(model, cfg.lora)
     model.to(device)
+    # DDP under torchrun (LoRA's frozen base weights are simply not reduced); one process: unchanged
+    net = parallelize(model, ParallelConfig(strategy="ddp" if world > 1 else "none", fused_loss=False), device)
     lr = cfg.lr or (LORA_LR if cfg.lora.rank else FULL_LR)
     optim = OptimConfig(lr=lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     optimizer = build_optimizer(model, optim, lr)
@@ -232,7 +250,8 @@ def main(cfg: Config) -> dict[str, Any]:
         min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
         keep_last=cfg.keep_last, eval_interval=cfg.eval_interval if val else 0, stop_after=cfg.stop_after,
         max_seconds=cfg.max_seconds, resume=cfg.resume, guard=cfg.guard)
-    trainer = Trainer(model, optimizer, settings, make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed),
+    trainer = Trainer(net, optimizer, settings,
+                      make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed, rank, world),
                       run_cfg=to_dict(cfg), tokenizer_path=tok_path, autocast=autocast_for(device, dtype),
                       loss_fn=sft_loss, model_extra={"chat_template": template},
                       eval_fn=make_eval_fn(val, seq_len, cfg.packing, micro, pad_id) if val else None)
@@ -240,7 +259,7 @@ def main(cfg: Config) -> dict[str, Any]:
     mode = f"LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
     print0(f"sft: {base} | {mode}, {n_trainable:,} trainable params | template {template} | {len(rows)} rows of "
            f"<= {seq_len} tokens ({fill:.0%} filled, {'packed' if cfg.packing else 'unpacked'}) | {steps} steps x "
-           f"{g} rows (micro {micro}) = {steps / per_epoch:.2f} epochs | lr {lr:g} cosine, wd {cfg.weight_decay} | "
+           f"{g} rows (micro {micro} x {world} processes) = {steps / per_epoch:.2f} epochs | lr {lr:g} cosine, wd {cfg.weight_decay} | "
            f"{device} {str(dtype).replace('torch.', '')}")
     t_fit = time.perf_counter()
     result = trainer.fit()
@@ -260,6 +279,8 @@ def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path:
     if result["steps"] < result["planned_steps"]:
         print0(f"sft: stopped at step {result['steps']}/{result['planned_steps']}; continue with --resume "
                f"(no model/ written yet)")
+        return summary
+    if not is_rank0():  # every rank trained the same weights; rank 0 writes them
         return summary
     base_info = {"path": str(base.resolve()), "weights_sha256": sha256_file(base / "model.safetensors")}
     if cfg.lora.rank:
