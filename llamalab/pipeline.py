@@ -188,7 +188,7 @@ def main(cfg: Config) -> dict[str, Any]:
         "seq_len": cfg.seq_len, "global_batch_tokens": cfg.global_batch_tokens, "steps": cfg.steps,
         "max_seconds": cfg.max_seconds, "optim": {"lr": cfg.lr}, "checkpoint_interval": cfg.checkpoint_interval,
         "eval_interval": cfg.eval_interval, "eval_batches": 16, "device": cfg.device, "dtype": cfg.dtype,
-        "seed": cfg.seed})
+        "seed": cfg.seed, "report": False})  # the pipeline writes the fuller report at the end
     t = time.perf_counter()
     train_summary = pretrain(pcfg)
     timings["pretrain"] = time.perf_counter() - t

@@ -34,6 +34,8 @@ import torch
 from llamalab.checkpoint import load_model, save_model
 from llamalab.common import (
     LlamalabError,
+    git_sha,
+    package_versions,
     is_rank0,
     print0,
     resolve_device,
@@ -256,6 +258,9 @@ def main(cfg: Config) -> dict[str, Any]:
                       loss_fn=sft_loss, model_extra={"chat_template": template},
                       eval_fn=make_eval_fn(val, seq_len, cfg.packing, micro, pad_id) if val else None)
     trainer.restore()
+    write_sft_meta(run, cfg, model, base, seq_len, {"world_size": world, "device": str(device), "dtype": str(dtype),
+                                                    "n_params": model.num_params(), "trainable_params": n_trainable,
+                                                    "template": template})
     mode = f"LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
     print0(f"sft: {base} | {mode}, {n_trainable:,} trainable params | template {template} | {len(rows)} rows of "
            f"<= {seq_len} tokens ({fill:.0%} filled, {'packed' if cfg.packing else 'unpacked'}) | {steps} steps x "
@@ -269,6 +274,29 @@ def main(cfg: Config) -> dict[str, Any]:
     result["input_tokens_per_s"] = train_tokens * result["steps"] / per_epoch / seconds if seconds else None
     result["val_examples"] = len(val)
     return finish(cfg, run, model, meta, tok_path, template, ledger, result, seconds, base)
+
+
+def write_sft_meta(run: Path, cfg: Config, model: torch.nn.Module, base: Path, seq_len: int,
+                   extra: dict[str, Any]) -> None:
+    """meta.json (rank 0): resolved config, model shape, base weights and data files by sha256, git
+    SHA, package versions; an earlier invocation's config is kept in ``history`` (resume)."""
+    if not is_rank0():
+        return
+    import dataclasses
+
+    from llamalab.model.config import flops_per_token
+
+    meta = {"kind": "sft", "config": to_dict(cfg), "model": dataclasses.asdict(model.cfg),
+            "base": {"path": str(base.resolve()), "weights_sha256": sha256_file(base / "model.safetensors")},
+            "data": {"files": [{"path": str(Path(p).resolve()), "sha256": sha256_file(p)} for p in cfg.data]},
+            "git_sha": git_sha(), "versions": package_versions(),
+            "flops_per_token": flops_per_token(model.cfg, seq_len), **extra}
+    path = run / "meta.json"
+    history = []
+    if path.exists():
+        prev = json.loads(path.read_text())
+        history = prev.get("history", []) + [{k: prev[k] for k in ("config", "git_sha", "world_size") if k in prev}]
+    write_json_atomic(path, {**meta, "history": history})
 
 
 def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path: Path, template: str, ledger,
@@ -292,6 +320,9 @@ def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path:
              **{k: meta[k] for k in ("tokenizer",) if k in meta}}
     summary["model"] = str(save_model(run / "model", model.cpu().float(), tok_path, extra))
     write_json_atomic(run / "sft_summary.json", summary)
+    from llamalab.report.html import write_report
+
+    summary["report"] = str(write_report(run))
     lc = (f"loss {curve['first']:.3f} -> {curve['last']:.3f} (mean of first/last 10% of steps "
           f"{curve['first_10pct_mean']:.3f} -> {curve['last_10pct_mean']:.3f})") if curve else "no steps run"
     print0(f"sft: done | {ledger.read} records, {ledger.kept} kept, {sum(ledger.dropped.values())} dropped "
@@ -300,7 +331,8 @@ def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path:
            f"{result['tokens_per_s'] or 0:,.0f} trained tokens/s)"
            + (f" | val loss {result['val_loss']:.3f} on {result['val_examples']} examples" if result.get("val_loss") else "")
            + f" | model {summary['model']}"
-           + (f" | adapter {summary['adapter']}" if "adapter" in summary else ""))
+           + (f" | adapter {summary['adapter']}" if "adapter" in summary else "")
+           + f" | report {summary['report']}")
     return summary
 
 

@@ -61,6 +61,8 @@ def training_plots(rows: list[dict]) -> list[tuple[str, str]]:
         ("Model FLOPs utilisation", [("MFU", "mfu")], "fraction of measured peak"),
     ]
     for title, series, ylabel in panels:
+        if not any(r.get(key) is not None for _, key in series for r in rows):
+            continue  # e.g. no MFU when no peak was measured
         fig, ax = plt.subplots(figsize=(6.4, 3.2))
         for label, key in series:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -94,6 +96,18 @@ def mixture_table(manifest: dict | None, summary: dict | None) -> str:
     rows = [[src, f"{docs.get(src, '')}", f"{by.get(src, 0) / 1e6:.2f}" if src in by else "",
              f"{n:,}", f"{n / total:.1%}"] for src, n in sorted(toks.items(), key=lambda kv: -kv[1])]
     return _table(["source", "documents", "MB", "tokens", "share"], rows)
+
+
+def sft_data_table(d: dict) -> str:
+    """The SFT ledger: records read, kept and dropped by reason, fixes, tokens and packing."""
+    rows = [["records read", f"{d.get('read', 0):,}"], ["records kept", f"{d.get('kept', 0):,}"],
+            ["examples (after splitting)", f"{d.get('examples', 0):,}"]]
+    rows += [[f"dropped: {k}", f"{v:,}"] for k, v in sorted(d.get("dropped", {}).items())]
+    rows += [[f"fixed: {k}", f"{v:,}"] for k, v in sorted(d.get("fixes", {}).items())]
+    rows += [["tokens / trained on (assistant)", f"{d.get('tokens', 0):,} / {d.get('loss_tokens', 0):,}"],
+             ["rows x seq_len", f"{d.get('rows', 0):,} x {d.get('seq_len', 0)}"],
+             ["packing, fill", f"{d.get('packing')}, {d.get('fill', 0):.0%}"], ["chat template", d.get("template", "")]]
+    return _table(["", "value"], rows)
 
 
 def _fmt(v: Any) -> str:
@@ -141,11 +155,12 @@ def write_report(run: str | Path) -> Path:
     tokens = last.get("tokens_seen", 0)
     flops = meta.get("flops_per_token", 0) * tokens
     energy = summary.get("energy")
+    mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
     kpis = [("steps", last.get("step", 0)), ("tokens seen", f"{tokens:,}"), ("final train loss", _fmt(last.get("loss"))),
             ("validation loss", _fmt(vals[-1]) if vals else "n/a"),
             ("unigram entropy", _fmt(summary.get("unigram_entropy", "n/a"))),
             ("parameters", f"{meta.get('n_params', 0):,}"), ("train FLOPs", f"{flops:.3g}"),
-            ("mean MFU", f"{sum(r['mfu'] for r in rows) / len(rows):.1%}" if rows else "n/a")]
+            ("mean MFU", f"{sum(mfus) / len(mfus):.1%}" if mfus else "n/a")]
     parts = [f"<h1>llamalab run: {html.escape(run.name)}</h1>",
              f"<p class=sub>git {html.escape(str(meta.get('git_sha')))} &middot; {html.escape(meta.get('device', ''))} "
              f"{html.escape(meta.get('dtype', ''))} &middot; world size {meta.get('world_size', 1)}</p>",
@@ -161,7 +176,11 @@ def write_report(run: str | Path) -> Path:
         parts.append("<h2>Evaluations of every checkpoint</h2><div class=grid>" + "".join(
             f'<figure><img alt="{html.escape(t)}" src="{u}"><figcaption>{html.escape(t)}</figcaption></figure>'
             for t, u in evimgs) + "</div>")
-    parts += ["<h2>Data mixture</h2>", mixture_table(manifest, summary)]
+    sft_data = _read_json(run / "sft_data.json")
+    if sft_data and not manifest:
+        parts += ["<h2>Fine-tuning data</h2>", sft_data_table(sft_data)]
+    else:
+        parts += ["<h2>Data mixture</h2>", mixture_table(manifest, summary)]
     if manifest:
         parts.append(f"<p>{manifest['n_tokens']['train']:,} training and {manifest['n_tokens']['val']:,} validation "
                      f"tokens in {len(manifest['shards'])} shards; validation split: {html.escape(manifest['val_split'])}."

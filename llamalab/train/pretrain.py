@@ -70,6 +70,7 @@ class Config:
     seed: int = 1337
     resume: bool = False
     tensorboard: bool = False
+    report: bool = field(default=True, metadata={"help": "write report.html (plots, config, logbook) at the end"})
     peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0: measure a matmul)"})
     fault_nan_steps: list[int] = field(default_factory=list, metadata={
         "help": "fault drill: report a NaN loss at these steps (tests the guard and the logbook)"})
@@ -271,7 +272,12 @@ def main(cfg: Config) -> dict[str, Any]:
            f"{train.n_windows:,} train windows "
            f"= {train.epochs_for(plan.steps, plan.global_seqs):.2f} epochs | lr {plan.peak_lr:g}, warmup {plan.warmup} | "
            f"{device} {str(dtype).replace('torch.', '')} | {strategy}")
-    return trainer.fit()
+    result = trainer.fit()
+    if is_rank0() and cfg.report:
+        from llamalab.report.html import write_report
+
+        print0(f"pretrain: report {write_report(run)}")
+    return result
 
 if __name__ == "__main__":
     from llamalab.cli import stage_main

@@ -93,6 +93,11 @@ def test_cli_lora_end_to_end(tmp_path, tiny_base, capsys):
     curve = json.loads((run / "sft_summary.json").read_text())["loss_curve"]
     assert curve["last"] < 0.5 * curve["first"], curve
     assert len(_answers(run / "model")) == len(FACTS)  # `llamalab chat`'s answer() runs on the folder
+    run_meta = json.loads((run / "meta.json").read_text())  # the run's record, as for pretraining
+    assert run_meta["kind"] == "sft" and run_meta["git_sha"] and run_meta["versions"]["torch"]
+    assert run_meta["data"]["files"][0]["sha256"] and run_meta["base"]["weights_sha256"]
+    page = (run / "report.html").read_text()
+    assert "Fine-tuning data" in page and "no_assistant_turn" in page and page.count("<img") >= 3
 
 
 def test_exporters_accept_sft_output(tmp_path, tiny_base):

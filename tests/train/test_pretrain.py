@@ -40,6 +40,8 @@ def test_loss_decreases_on_real_text(botchan_shards, tmp_path):
     assert out["steps"] == 40 and (run / "meta.json").exists()
     meta = json.loads((run / "meta.json").read_text())
     assert meta["data"]["manifest_sha256"] and meta["versions"]["torch"] and "plan" in meta
+    page = (run / "report.html").read_text()  # a standalone pretrain run ends with its report
+    assert page.count("<img") >= 4 and "Data mixture" in page and "Logbook" in page
 
 
 def test_resume_is_bit_exact(botchan_shards, tmp_path):
