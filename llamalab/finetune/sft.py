@@ -38,8 +38,6 @@ from llamalab.common import (
     package_versions,
     is_rank0,
     print0,
-    resolve_device,
-    resolve_dtype,
     seed_everything,
     sha256_file,
     write_json_atomic,
@@ -49,7 +47,7 @@ from llamalab.finetune.data import FORMATS, OVERLONG, Example, load_sft_data
 from llamalab.finetune.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from llamalab.finetune.packing import collate, pack_rows, sft_loss
 from llamalab.tokenizer.chat import TEMPLATES, resolve_template
-from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize
+from llamalab.train.distributed import ParallelConfig, init_device, parallelize
 from llamalab.train.loop import IGNORE_INDEX
 from llamalab.train.optim import OptimConfig, build_optimizer
 from llamalab.train.pretrain import autocast_for
@@ -197,11 +195,7 @@ def loss_curve(run: Path) -> dict[str, Any]:
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    device = resolve_device(cfg.device)
-    rank, local_rank, world = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
     base = Path(cfg.base)
     model, meta = load_model(base)
     tok_path = base / "tokenizer.model"

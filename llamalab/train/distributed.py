@@ -55,6 +55,18 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     return rank, local_rank, world
 
 
+def init_device(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype, int, int]:
+    """Resolve the device, join torchrun's process group (one GPU per local rank) and pick the
+    dtype: (device, dtype, rank, world). The one set-up every training stage starts with."""
+    from llamalab.common import resolve_device, resolve_dtype
+
+    device = resolve_device(device_name)
+    rank, local_rank, world = init_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    return device, resolve_dtype(dtype_name, device), rank, world
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: int = 2) -> int:
     """Recompute each wrapped block's activations in backward (non-reentrant); returns blocks wrapped.
 

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 
 from llamalab.common import (LlamalabError, git_sha, is_rank0, measure_matmul_peak, package_versions, print0,
-                             resolve_device, resolve_dtype, seed_everything, sha256_file, write_json_atomic)
+                             seed_everything, sha256_file, write_json_atomic)
 from llamalab.config import to_dict
 from llamalab.data.shards import MANIFEST, TokenDataset, load_manifest, val_batches
 from llamalab.model.config import ModelConfig, flops_per_token, get_preset, num_params
 from llamalab.model.transformer import Transformer
-from llamalab.train.distributed import ParallelConfig, init_distributed, parallelize, resolve_strategy
+from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
 from llamalab.train.loop import evaluate_loss, split_micro
 from llamalab.train.optim import OptimConfig, build_optimizer, effective_warmup
 from llamalab.train.stability import GuardConfig
@@ -210,11 +210,7 @@ def copy_tokenizer(run: Path, manifest: dict) -> Path | None:
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    device = resolve_device(cfg.device)
-    rank, local_rank, world = init_distributed(device.type)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
     data_root = Path(cfg.data)
     model_cfg = build_model_config(cfg, load_manifest(data_root)["vocab_size"])
     train = TokenDataset.open(data_root, "train", resolve_seq_len(cfg, model_cfg), verify=True)
