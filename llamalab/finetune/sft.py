@@ -21,6 +21,7 @@ Outputs in ``--run-dir``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -47,7 +48,8 @@ from llamalab.finetune.data import FORMATS, OVERLONG, Example, load_sft_data
 from llamalab.finetune.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from llamalab.finetune.packing import collate, pack_rows, sft_loss
 from llamalab.tokenizer.chat import TEMPLATES, resolve_template
-from llamalab.train.distributed import ParallelConfig, init_device, parallelize
+from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
+from llamalab.train.fsdp import is_sharded
 from llamalab.train.loop import IGNORE_INDEX
 from llamalab.train.optim import OptimConfig, build_optimizer
 from llamalab.train.pretrain import autocast_for
@@ -86,6 +88,8 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
+        "help": "under torchrun: strategy ddp (auto) or fsdp; activation checkpointing; compile"})
     guard: GuardConfig = field(default_factory=GuardConfig)
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
@@ -235,8 +239,12 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.lora.rank:
         n_trainable = apply_lora(model, cfg.lora)
     model.to(device)
-    # DDP under torchrun (LoRA's frozen base weights are simply not reduced); one process: unchanged
-    net = parallelize(model, ParallelConfig(strategy="ddp" if world > 1 else "none", fused_loss=False), device)
+    # under torchrun: DDP (auto) or FSDP2 (LoRA's frozen base weights get no gradients to reduce);
+    # NOTE: the SFT loss needs the logits of packed rows, so the fused pretraining head stays off
+    pcfg = dataclasses.replace(cfg.parallel, fused_loss=False)
+    if resolve_strategy(pcfg, world) == "tp":
+        raise LlamalabError("sft: parallel.strategy tp is not supported; use ddp or fsdp")
+    net = parallelize(model, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
     lr = cfg.lr or (LORA_LR if cfg.lora.rank else FULL_LR)
     optim = OptimConfig(lr=lr, min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
     optimizer = build_optimizer(model, optim, lr)
@@ -252,7 +260,8 @@ def main(cfg: Config) -> dict[str, Any]:
                       loss_fn=sft_loss, model_extra={"chat_template": template},
                       eval_fn=make_eval_fn(val, seq_len, cfg.packing, micro, pad_id) if val else None)
     trainer.restore()
-    write_sft_meta(run, cfg, model, base, seq_len, {"world_size": world, "device": str(device), "dtype": str(dtype),
+    write_sft_meta(run, cfg, model, base, seq_len, {"world_size": world, "strategy": resolve_strategy(pcfg, world),
+                                                    "device": str(device), "dtype": str(dtype),
                                                     "n_params": model.num_params(), "trainable_params": n_trainable,
                                                     "template": template})
     mode = f"LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
@@ -270,13 +279,30 @@ def main(cfg: Config) -> dict[str, Any]:
     return finish(cfg, run, model, meta, tok_path, template, ledger, result, seconds, base)
 
 
+def _gather_plain(model: torch.nn.Module, cfg: Config) -> torch.nn.Module | None:
+    """The FSDP-trained weights as an unsharded CPU model on rank 0 (None elsewhere), LoRA kept
+    unmerged so that finish() can save the adapter and then merge."""
+    from llamalab.model.transformer import Transformer
+    from llamalab.train.checkpoint import _full_model_state
+
+    full = _full_model_state(model)
+    if not is_rank0():
+        return None
+    plain = Transformer(model.cfg)
+    if cfg.lora.rank:
+        apply_lora(plain, cfg.lora)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if k != "output.weight"]:
+        raise LlamalabError(f"sft: gathered weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    return plain
+
+
 def write_sft_meta(run: Path, cfg: Config, model: torch.nn.Module, base: Path, seq_len: int,
                    extra: dict[str, Any]) -> None:
     """meta.json (rank 0): resolved config, model shape, base weights and data files by sha256, git
     SHA, package versions; an earlier invocation's config is kept in ``history`` (resume)."""
     if not is_rank0():
         return
-    import dataclasses
 
     from llamalab.model.config import flops_per_token
 
@@ -302,6 +328,8 @@ def finish(cfg: Config, run: Path, model: torch.nn.Module, meta: dict, tok_path:
         print0(f"sft: stopped at step {result['steps']}/{result['planned_steps']}; continue with --resume "
                f"(no model/ written yet)")
         return summary
+    if is_sharded(model):  # a collective: every rank sends its shards, rank 0 rebuilds a plain model
+        model = _gather_plain(model, cfg)
     if not is_rank0():  # every rank trained the same weights; rank 0 writes them
         return summary
     base_info = {"path": str(base.resolve()), "weights_sha256": sha256_file(base / "model.safetensors")}

@@ -1,4 +1,4 @@
-"""SFT under torchrun: 2 gloo processes (DDP) train the same weights as 1 process on the same global
+"""SFT under torchrun: 2 gloo processes (DDP or FSDP2) train the same weights as 1 process on the same global
 batch, including an epoch-end batch with fewer rows than processes."""
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def _losses(run) -> list[float]:
     return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("lora", [0, 4])
-def test_two_processes_match_one(tmp_path, tiny_base, gloo_runner, lora):
+def test_two_processes_match_one(tmp_path, tiny_base, gloo_runner, lora, strategy):
     data = tmp_path / "facts.json"
     data.write_text(json.dumps(RECORDS), encoding="utf-8")
     # 5 rows, 4 per step: the second batch of each epoch has 1 row, so rank 1 gets none of it
@@ -35,7 +36,8 @@ def test_two_processes_match_one(tmp_path, tiny_base, gloo_runner, lora):
            "micro_batch_size": 1, "lr": 1e-3, "checkpoint_interval": 0, "packing": False,
            "lora": {"rank": lora, "targets": ["wq", "wv"], "dropout": 0.0}}  # dropout draws differ by rank
     sft_main(from_dict(Config, {**cfg, "run_dir": str(tmp_path / "one")}))
-    gloo_runner(_sft_rank, 2, {**cfg, "run_dir": str(tmp_path / "two")})
+    gloo_runner(_sft_rank, 2, {**cfg, "run_dir": str(tmp_path / "two"), "parallel": {"strategy": strategy}})
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["strategy"] == strategy
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
