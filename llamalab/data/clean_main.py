@@ -28,7 +28,9 @@ from llamalab.data.executor import EXECUTORS
 
 
 @dataclass
-class Config:
+class Config(CleanSettings):
+    """The run's sources and executor; every cleaning setting is inherited from CleanSettings."""
+
     spec: str = field(default="", metadata={"positional": True, "help": "JSON file: {'sources': [...], settings...}"})
     inputs: list[str] = field(default_factory=list, metadata={"help": "one source's files/folders (without CONFIG)"})
     kind: str = field(default="text", metadata={"choices": list(KINDS), "help": "cleaner for --inputs"})
@@ -38,25 +40,6 @@ class Config:
     output: str = field(default="clean", metadata={"help": "output folder"})
     executor: str = field(default="local", metadata={"choices": list(EXECUTORS)})
     workers: int = field(default=1, metadata={"help": "local processes"})
-    languages: list[str] = field(default_factory=lambda: ["en"])
-    line_dedup: bool = True
-    reference: list[str] = field(default_factory=list, metadata={"help": "reference corpus (wiki dump or text) "
-                                                                          "for the perplexity LM and classifier"})
-    calib_docs: int = 500
-    drop_buckets: list[str] = field(default_factory=lambda: ["tail"])
-    min_reference_score: float = 0.5
-    eval_files: list[str] = field(default_factory=list, metadata={"help": "evaluation sets to decontaminate against"})
-    decontam: str = field(default="drop", metadata={"choices": ["drop", "flag", "off"]})
-    decontam_n: int = 13
-    exact_dedup: bool = True
-    near_dup: bool = True
-    near_dup_threshold: float = 0.8
-    shard_docs: int = 1000
-    files_per_shard: int = 100
-    keep_rejects: bool = field(default=False, metadata={"help": "write rejected documents with their reason"})
-    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
-                                                     "help": "bad input lines: stop with file:line, or count them"})
-    max_docs: int = 0
 
 
 def _resolve(cfg: Config) -> tuple[list[SourceSpec], CleanSettings]:

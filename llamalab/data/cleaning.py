@@ -68,22 +68,27 @@ class SourceSpec:
 
 @dataclass
 class CleanSettings:
+    """Settings of a cleaning run. ``llamalab data clean``'s Config extends this class, so each
+    setting is declared once and is a flag and a config-file key at the same time."""
+
     languages: list[str] = field(default_factory=lambda: ["en"])
     line_dedup: bool = True
-    reference: list[str] = field(default_factory=list)
+    reference: list[str] = field(default_factory=list, metadata={"help": "reference corpus (wiki dump or text) "
+                                                                          "for the perplexity LM and classifier"})
     calib_docs: int = 500
     drop_buckets: list[str] = field(default_factory=lambda: ["tail"])
     min_reference_score: float = 0.5
-    eval_files: list[str] = field(default_factory=list)
-    decontam: str = "drop"  # drop | flag | off
+    eval_files: list[str] = field(default_factory=list, metadata={"help": "evaluation sets to decontaminate against"})
+    decontam: str = field(default="drop", metadata={"choices": ["drop", "flag", "off"]})
     decontam_n: int = 13
     exact_dedup: bool = True
     near_dup: bool = True
     near_dup_threshold: float = 0.8
     shard_docs: int = 1000
     files_per_shard: int = 100
-    keep_rejects: bool = False
-    on_error: str = "raise"
+    keep_rejects: bool = field(default=False, metadata={"help": "write rejected documents with their reason"})
+    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
+                                                     "help": "bad input lines: stop with file:line, or count them"})
     max_docs: int = 0  # per multi-document file (JSONL, dump), 0 = all: smoke runs
 
 
