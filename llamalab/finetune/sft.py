@@ -145,7 +145,8 @@ def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_ep
         mine = picked[rank * share:(rank + 1) * share]
         if not mine:
             x, y = collate(examples, picked[:1], pad_id)
-            return [(torch.full_like(x, pad_id).index_fill_(1, torch.tensor([1]), 0), torch.full_like(y, IGNORE_INDEX))]
+            x[:, 0], x[:, 1], y[:] = pad_id, 0, IGNORE_INDEX  # padding tokens, no segment, no targets
+            return [(x, y)]
         return [collate(examples, mine[k:k + micro], pad_id) for k in range(0, len(mine), micro)]
 
     return batch
@@ -283,9 +284,9 @@ def _gather_plain(model: torch.nn.Module, cfg: Config) -> torch.nn.Module | None
     """The FSDP-trained weights as an unsharded CPU model on rank 0 (None elsewhere), LoRA kept
     unmerged so that finish() can save the adapter and then merge."""
     from llamalab.model.transformer import Transformer
-    from llamalab.train.checkpoint import _full_model_state
+    from llamalab.train.checkpoint import full_model_state
 
-    full = _full_model_state(model)
+    full = full_model_state(model)
     if not is_rank0():
         return None
     plain = Transformer(model.cfg)

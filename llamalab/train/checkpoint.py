@@ -148,7 +148,7 @@ def _shared_tmp_dir(final: Path) -> Path:
     return final.with_name(f"{final.name}.tmp-{pid[0]}")
 
 
-def _full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every rank takes part; rank 0 gets the full fp32 CPU weights (tied output dropped)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -177,7 +177,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.o
     if sharded:
         _barrier()
         _save_sharded(tmp, model, optimizer)
-        weights = _full_model_state(model)
+        weights = full_model_state(model)
     else:
         weights = model_state_for_save(model)
     if not rank0:
