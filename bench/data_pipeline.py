@@ -42,7 +42,7 @@ def web_pages(shared: Path, n: int) -> list[str]:
 
 
 def part1(shared: Path, pages: list[str], tmp: Path) -> tuple[list, list[str]]:
-    from llamalab.data import filters as F
+    from llamalab.data import filters
     from llamalab.data.clean.arxiv import clean_latex
     from llamalab.data.clean.stackexchange import clean_thread, read_threads
     from llamalab.data.clean.web import WebConfig, clean_web
@@ -57,29 +57,31 @@ def part1(shared: Path, pages: list[str], tmp: Path) -> tuple[list, list[str]]:
           lambda x: clean_thread(x[1].meta["question"], x[1].meta["answers"]), rows)
     tex = [p.read_text(encoding="utf-8") for p in sorted((shared / "corpus/arxiv").glob("*.tex"))]
     timed("arxiv: LaTeX rules", tex, clean_latex, rows)
-    timed("web: C4 line rules", pages, F.c4_lines, rows)
-    timed("web: language id", pages, F.language_filter, rows)
-    timed("web: Gopher rules", pages, F.gopher_filter, rows)
+    timed("web: C4 line rules", pages, filters.c4_lines, rows)
+    timed("web: language id", pages, filters.language_filter, rows)
+    timed("web: Gopher rules", pages, filters.gopher_filter, rows)
     t0 = time.perf_counter()
-    lm = F.NgramLM().fit(wiki)
+    lm = filters.NgramLM().fit(wiki)
     fit = time.perf_counter() - t0
     rows.append(("perplexity LM: fit on wiki", len(wiki), sum(len(t.encode()) for t in wiki) / 1e6, fit))
     timed("web: perplexity", pages, lm.perplexity, rows)
-    clf = F.ReferenceClassifier().fit(wiki, pages[:200])
+    clf = filters.ReferenceClassifier().fit(wiki, pages[:200])
     timed("web: reference classifier", pages, clf.score, rows)
     timed("web: clean_web (all of the above)", pages,
           lambda p: clean_web(p, WebConfig(drop_buckets=[]), lm=lm, cutoffs=(1e9, 1e9), classifier=clf), rows)
     timed("dedup: normalised line hashes", pages, line_hashes, rows)
     idx = NearDupIndex()
-    timed("dedup: MinHash LSH", [(p, i) for i, p in enumerate(pages)], lambda x: idx.check_and_add(str(x[1]), x[0]), rows)
-    evals = [shared / "eval/gsm8k_test.jsonl.gz", shared / "eval/hellaswag_100.jsonl", shared / "eval/HumanEval.jsonl.gz"]
+    timed("dedup: MinHash LSH", [(p, i) for i, p in enumerate(pages)],
+          lambda x: idx.check_and_add(str(x[1]), x[0]), rows)
+    evals = [shared / "eval/gsm8k_test.jsonl.gz", shared / "eval/hellaswag_100.jsonl",
+             shared / "eval/HumanEval.jsonl.gz"]
     dc = Decontaminator.from_files(evals)
     timed("decontam: 13-gram lookup", pages, dc.match, rows)
     return rows, wiki
 
 
 def part2(shared: Path, pages: list[str], wiki: list[str], tmp: Path, workers: list[int]) -> list:
-    from llamalab.data.cleaning import CleanSettings, SourceSpec, run_clean
+    from llamalab.data.clean.pipeline import DOCS, CleanSettings, SourceSpec, run_clean
 
     (tmp / "web").mkdir()
     for k in range(4):  # 4 files -> shards for the pool
@@ -100,7 +102,7 @@ def part2(shared: Path, pages: list[str], wiki: list[str], tmp: Path, workers: l
         dt = time.perf_counter() - t0
         timings = json.loads((out / "timings.json").read_text())
         rows.append((w, led.read, led.bytes_read / 1e6, dt, timings, led.kept))
-        outputs.append({p.relative_to(out): p.read_bytes() for p in sorted((out / "docs").rglob("*.jsonl"))})
+        outputs.append({p.relative_to(out): p.read_bytes() for p in sorted((out / DOCS).rglob("*.jsonl"))})
     same = all(o == outputs[0] for o in outputs)
     return rows, same
 
@@ -139,11 +141,12 @@ def main() -> None:
         for label, n, mb, dt in rows:
             print(f"| {label} | {n} | {mb:.2f} | {dt:.2f} | {n / dt:,.0f} | {mb / dt:.2f} |")
         runs, same = part2(shared, pages, wiki, Path(tmp), [int(w) for w in args.workers.split(",")])
-    print("\n| `data clean`, processes | docs read | MB | total s | docs/s | MB/s | plan | models | line hashes | clean | dedup | kept |")
+    print("\n| `data clean`, processes | docs read | MB | total s | docs/s | MB/s | plan | models | line hashes "
+          "| clean | dedup | kept |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for w, n, mb, dt, t, kept in runs:
-        print(f"| {w} | {n} | {mb:.2f} | {dt:.1f} | {n / dt:,.0f} | {mb / dt:.2f} | {t['plan']:.1f} | {t['models']:.1f} | "
-              f"{t['line_hashes']:.1f} | {t['clean']:.1f} | {t['dedup']:.1f} | {kept} |")
+        print(f"| {w} | {n} | {mb:.2f} | {dt:.1f} | {n / dt:,.0f} | {mb / dt:.2f} | {t['plan']:.1f} | "
+              f"{t['models']:.1f} | {t['line_hashes']:.1f} | {t['clean']:.1f} | {t['dedup']:.1f} | {kept} |")
     print(f"\noutputs byte-identical across process counts: {same}")
     print(f"machine check: a pure-CPU loop on 2 processes runs {spare_cores():.2f}x one process "
           f"(2.0 = two idle cores); load average {os.getloadavg()[0]:.1f}")

@@ -59,7 +59,7 @@ def adamw(params, device: torch.device) -> torch.optim.AdamW:
 
 
 def ours_step(model, opt, x, y, autocast) -> float:
-    from llamalab.train.loop import clip_and_step, forward_backward
+    from llamalab.train.step import clip_and_step, forward_backward
 
     res = forward_backward(model, [(x, y)], autocast)
     clip_and_step(model, opt, 1.0)
@@ -108,7 +108,7 @@ def saved_bytes(fn) -> int:
 
 def memory_rows(shape: str, seq: int, batch: int, device: torch.device, tmp: Path) -> list[str]:
     from llamalab.train.distributed import apply_activation_checkpointing
-    from llamalab.train.loop import model_loss_sum
+    from llamalab.train.step import model_loss_sum
 
     cfg, ours, hf = build_pair(shape, seq, device, tmp, False)
     g = torch.Generator().manual_seed(1)

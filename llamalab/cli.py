@@ -16,28 +16,29 @@ from llamalab.common import LlamalabError
 
 # command words -> module (a module exposes `Config` and `main(cfg)`)
 COMMANDS: dict[str, str | dict[str, str]] = {
-    "run": "llamalab.pipeline",
-    "info": "llamalab.model.info",
-    "convert": "llamalab.interop.convert",
-    "tokenizer": {"train": "llamalab.tokenizer.train", "encode": "llamalab.tokenizer.encode"},
-    "pretrain": "llamalab.train.pretrain",
+    "run": "llamalab.commands.run",
+    "info": "llamalab.commands.info",
+    "convert": "llamalab.commands.convert",
+    "tokenizer": {"train": "llamalab.commands.tokenizer.train", "encode": "llamalab.commands.tokenizer.encode"},
+    "pretrain": "llamalab.commands.pretrain",
     "data": {
-        "clean": "llamalab.data.clean_main",
-        "mix": "llamalab.data.mix_main",
-        "stats": "llamalab.data.stats_main",
-        "shard": "llamalab.data.shard_main",
-        "which-step": "llamalab.data.which_step",
+        "clean": "llamalab.commands.data.clean",
+        "mix": "llamalab.commands.data.mix",
+        "stats": "llamalab.commands.data.stats",
+        "shard": "llamalab.commands.data.shard",
+        "which-step": "llamalab.commands.data.which_step",
     },
     "eval": {
-        "run": "llamalab.eval.run",
-        "sweep": "llamalab.eval.sweep",
-        "memorization": "llamalab.eval.memorization",
+        "run": "llamalab.commands.eval.run",
+        "sweep": "llamalab.commands.eval.sweep",
+        "memorization": "llamalab.commands.eval.memorization",
+        "harness": "llamalab.commands.eval.harness",
     },
-    "sft": "llamalab.finetune.sft",
-    "generate": "llamalab.inference.generate",
-    "chat": "llamalab.inference.chat",
-    "serve": "llamalab.serve.api",
-    "report": "llamalab.report.html",
+    "sft": "llamalab.commands.sft",
+    "generate": "llamalab.commands.generate",
+    "chat": "llamalab.commands.chat",
+    "serve": "llamalab.commands.serve",
+    "report": "llamalab.commands.report",
 }
 
 

@@ -202,6 +202,17 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def iter_jsonl(lines: Iterable[str], where: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; a bad line raises naming ``where:line``."""
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlamalabError(f"{where}:{n}: not valid JSON ({e.msg})") from None
+
+
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
     path = Path(path)
     if not path.exists():

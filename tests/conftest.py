@@ -99,6 +99,10 @@ def _gloo_entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # NOTE: a rank that tears gloo down while its peer is still in a collective (a checkpoint's
+        # last all-gather, say) can abort the peer at exit ("terminate called without an active
+        # exception", seen under load); meet first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
 from dataclasses import dataclass, field
 
 from llamalab.cli import main
@@ -40,7 +39,7 @@ def test_info_table(capsys):
 def test_user_error_has_no_traceback(tmp_path):
     r = run_cli("convert", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert r.returncode == 2
-    assert "error: source not found" in r.stderr and "Traceback" not in r.stderr
+    assert "error: model not found" in r.stderr and "missing" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("tokenizer", "encode", str(tmp_path / "none.model"), "--text", "x", "--debug")
     assert r.returncode == 2 and "Traceback" in r.stderr  # --debug shows it
 

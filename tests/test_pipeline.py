@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
+from llamalab.commands.run import Config
+from llamalab.commands.run import main as run_pipeline
 from llamalab.config import from_dict
-from llamalab.pipeline import Config, load_corpus, main as run_pipeline
+from llamalab.pipeline import load_corpus
 from tests.conftest import shared_path
 
 
@@ -19,7 +21,7 @@ def cli(*args, cwd=None):
 
 
 def test_builtin_corpus_is_real_and_offline():
-    docs, origin = load_corpus(Config())
+    docs, origin = load_corpus(Config().data)
     sources = {d.source for d in docs}
     assert sources == {"python-docs", "python-stdlib"}
     assert sum(len(d.text) for d in docs) > 2_000_000

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from llamalab.common import LlamalabError
+from llamalab.common import LlamalabError, iter_jsonl
 
 _DIGITS = re.compile(r"\d")
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
@@ -175,16 +174,7 @@ def eval_texts(path: str | Path) -> list[str]:
     with opener(path, "rt", encoding="utf-8") as f:
         if not name.endswith((".jsonl", ".json")):
             return [p for p in f.read().split("\n\n") if p.strip()]
-        out = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LlamalabError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            out.append(" ".join(_strings(obj)))
-        return out
+        return [" ".join(_strings(obj)) for _, obj in iter_jsonl(f, path)]
 
 
 def _strings(obj) -> list[str]:

@@ -24,7 +24,7 @@ import pickle
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -84,7 +84,8 @@ BULLETS = ("•", "*", "-", "–", "‣", "◦", "·")
 TERMINAL = ('.', '!', '?', '"', "'", '”', '’', ':', ';', ')')
 BAD_LINE_PATTERNS = {
     "javascript": re.compile(r"javascript", re.IGNORECASE),
-    "cookie": re.compile(r"\bcookies?\b.*\b(use|policy|accept|consent)\b|\b(use|accept)\b.*\bcookies?\b", re.IGNORECASE),
+    "cookie": re.compile(r"\bcookies?\b.*\b(use|policy|accept|consent)\b"
+                         r"|\b(use|accept)\b.*\bcookies?\b", re.IGNORECASE),
     "policy": re.compile(r"\b(terms of use|privacy policy|all rights reserved)\b", re.IGNORECASE),
 }
 
@@ -201,27 +202,27 @@ class NgramLM:
         self.n1_2: Counter = Counter()  # N1+(uv.)
         self.total = 0
 
-    def _seq(self, text: str) -> list[str]:
-        return [self.BOS, self.BOS] + lm_tokens(text) + [self.EOS]
+    def _trigrams(self, text: str) -> Iterator[tuple[str, str, str]]:
+        """(u, v, w) of every token of each non-empty line, the line padded with BOS BOS ... EOS."""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            s = [self.BOS, self.BOS] + lm_tokens(line) + [self.EOS]
+            yield from zip(s, s[1:], s[2:])
 
     def fit(self, texts: Iterable[str]) -> NgramLM:
         for text in texts:
-            for line in text.splitlines():
-                if not line.strip():
-                    continue
-                s = self._seq(line)
-                for i in range(2, len(s)):
-                    u, v, w = s[i - 2], s[i - 1], s[i]
-                    self.c1[w] += 1
-                    self.total += 1
-                    if self.c2[(v, w)] == 0:
-                        self.n1_1[v] += 1
-                    self.c2[(v, w)] += 1
-                    self.ctx1[v] += 1
-                    if self.c3[(u, v, w)] == 0:
-                        self.n1_2[(u, v)] += 1
-                    self.c3[(u, v, w)] += 1
-                    self.ctx2[(u, v)] += 1
+            for u, v, w in self._trigrams(text):
+                self.c1[w] += 1
+                self.total += 1
+                if self.c2[(v, w)] == 0:
+                    self.n1_1[v] += 1
+                self.c2[(v, w)] += 1
+                self.ctx1[v] += 1
+                if self.c3[(u, v, w)] == 0:
+                    self.n1_2[(u, v)] += 1
+                self.c3[(u, v, w)] += 1
+                self.ctx2[(u, v)] += 1
         if self.total == 0:
             raise LlamalabError("perplexity model: the reference corpus has no tokens")
         return self
@@ -244,13 +245,9 @@ class NgramLM:
     def log_prob(self, text: str) -> tuple[float, int]:
         """(sum of natural-log probabilities, number of predicted tokens) over the text's lines."""
         lp, n = 0.0, 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            s = self._seq(line)
-            for i in range(2, len(s)):
-                lp += math.log(self.prob(s[i - 2], s[i - 1], s[i]))
-                n += 1
+        for u, v, w in self._trigrams(text):
+            lp += math.log(self.prob(u, v, w))
+            n += 1
         return lp, n
 
     def perplexity(self, text: str) -> float:
@@ -312,7 +309,8 @@ class ReferenceClassifier:
             l2: float = 1e-6, seed: int = 0) -> ReferenceClassifier:
         if not positives or not negatives:
             raise LlamalabError("reference classifier: needs both reference and random documents to train")
-        feats = [hashed_features(t, self.n_bits) for t in positives] + [hashed_features(t, self.n_bits) for t in negatives]
+        feats = ([hashed_features(t, self.n_bits) for t in positives]
+                 + [hashed_features(t, self.n_bits) for t in negatives])
         ys = np.array([1.0] * len(positives) + [0.0] * len(negatives))
         rng = np.random.default_rng(seed)
         for _ in range(epochs):

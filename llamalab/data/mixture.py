@@ -26,12 +26,22 @@ from __future__ import annotations
 import heapq
 import json
 import random
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llamalab.common import LlamalabError
+from llamalab.common import LlamalabError, Progress, print0, write_json_atomic
+from llamalab.data.clean.pipeline import DOCS, PLAN
 from llamalab.data.readers import Document, ReadStats, expand_paths, read_documents
+
+if TYPE_CHECKING:
+    from llamalab.data.shards import ShardWriterConfig
+    from llamalab.tokenizer import Tokenizer
+
+MIXED = "mixed.jsonl"  # the stream, without a tokenizer
+RECORD = "mixture.json"  # its mixture record (with a tokenizer the record goes into the manifest)
 
 
 @dataclass
@@ -70,7 +80,8 @@ def plan_mixture(sizes: dict[str, int], weights: dict[str, SourceWeight], allow_
     """Bytes per source and passes, from the sources' sizes (bytes) and the weights/epochs."""
     missing = sorted(n for n in weights if not sizes.get(n))
     if missing and not allow_missing:
-        raise LlamalabError(f"mixture: no data for source(s) {', '.join(missing)} (have: {', '.join(sorted(sizes)) or 'none'}); "
+        raise LlamalabError(f"mixture: no data for source(s) {', '.join(missing)} "
+                            f"(have: {', '.join(sorted(sizes)) or 'none'}); "
                             f"rename sources, drop them from the weights, or allow missing sources")
     extra = sorted(set(sizes) - set(weights))
     if extra:
@@ -130,9 +141,9 @@ def load_clean_output(paths: list[str], on_error: str = "raise") -> dict[str, li
     out: dict[str, list[Document]] = {}
     for p in paths:
         p = Path(p)
-        if (p / "docs").is_dir():
-            p = p / "docs"
-        elif (p / "plan.json").exists():
+        if (p / DOCS).is_dir():
+            p = p / DOCS
+        elif (p / PLAN).exists():
             raise LlamalabError(f"{p}: a clean output folder without docs/: the clean run did not finish "
                                 f"(run the same 'llamalab data clean' command again to resume it)")
         stats = ReadStats()
@@ -156,5 +167,85 @@ def parse_weights(obj: dict, where: str) -> dict[str, SourceWeight]:
         elif isinstance(v, dict) and "weight" in v:
             out[name] = SourceWeight(float(v["weight"]), float(v.get("epochs", 1.0)))
         else:
-            raise LlamalabError(f"{where}: weight of {name!r} must be a number or {{'weight', 'epochs'}}, got {json.dumps(v)}")
+            raise LlamalabError(f"{where}: weight of {name!r} must be a number or {{'weight', 'epochs'}}, "
+                                f"got {json.dumps(v)}")
     return out
+
+
+def resolve_weights(preset: str, weights: dict) -> dict[str, SourceWeight]:
+    """The weights of a named preset (``llama``) or of a ``--weights`` object; exactly one of them."""
+    if preset and weights:
+        raise LlamalabError("mix: give --preset or --weights, not both")
+    if preset:
+        return PRESETS[preset]()
+    if not weights:
+        raise LlamalabError("mix: give --preset llama or --weights '{\"source\": weight, ...}'")
+    return parse_weights(weights, "--weights")
+
+
+def rename_sources(by_source: dict[str, list[Document]], rename: dict[str, str]) -> dict[str, list[Document]]:
+    """Rename sources (data name -> weights name), in place; every old name must be in the data."""
+    for old, new in rename.items():
+        if old not in by_source:
+            raise LlamalabError(f"--rename: no source {old!r} in the data (have {', '.join(sorted(by_source))})")
+        by_source[new] = [Document(d.id, d.text, new, d.provenance, d.meta) for d in by_source.pop(old)]
+    return by_source
+
+
+def source_sizes(by_source: dict[str, list[Document]]) -> dict[str, int]:
+    """UTF-8 bytes of text per source: what the plan's shares are measured in."""
+    return {n: sum(len(d.text.encode("utf-8")) for d in docs) for n, docs in by_source.items()}
+
+
+@dataclass
+class MixTally:
+    """What a stream actually delivered: documents, and UTF-8 bytes per source."""
+
+    documents: int = 0
+    bytes: Counter = field(default_factory=Counter)
+
+    def count(self, docs: Iterable[Document]) -> Iterator[Document]:
+        for d in docs:
+            self.bytes[d.source] += len(d.text.encode("utf-8"))
+            self.documents += 1
+            yield d
+
+
+def write_mixture(stream: Iterable[Document], out: Path, record: dict, tokenizer: Tokenizer | None = None,
+                  shard_cfg: ShardWriterConfig | None = None) -> tuple[Path, MixTally]:
+    """Write the stream: token shards (the record goes into their manifest as ``mixture``) with a
+    tokenizer, else ``mixed.jsonl`` plus ``mixture.json``. Adds ``actual_bytes`` to ``record``;
+    returns the file holding the record and the tally."""
+    out.mkdir(parents=True, exist_ok=True)
+    tally = MixTally()
+    if tokenizer is not None:
+        from llamalab.data.shards import MANIFEST, write_shards
+
+        manifest = write_shards(list(tally.count(stream)), tokenizer, out, shard_cfg)
+        record["actual_bytes"] = dict(tally.bytes)
+        manifest["mixture"] = record
+        write_json_atomic(out / MANIFEST, manifest)
+        return out / MANIFEST, tally
+    bar = Progress(None, "mix: writing", unit="docs")
+    tmp = out / (MIXED + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in tally.count(stream):
+            f.write(json.dumps({"id": d.id, "text": d.text, "source": d.source, "provenance": d.provenance,
+                                "epoch": d.meta["epoch"]}, ensure_ascii=False) + "\n")
+            bar.update(1)
+    bar.close()
+    tmp.replace(out / MIXED)
+    record["actual_bytes"] = dict(tally.bytes)
+    write_json_atomic(out / RECORD, record)
+    return out / RECORD, tally
+
+
+def print_mixture(plan: MixPlan, tally: MixTally, seconds: float, where: Path) -> None:
+    """Planned weight against the actual share per source, then one summary line."""
+    total = sum(tally.bytes.values())
+    print0(f"{'source':<16} {'weight':>7} {'actual':>7} {'passes':>7} {'MB':>9}")
+    for n, s in plan.sources.items():
+        print0(f"{n:<16} {s['weight']:>7.3f} {tally.bytes[n] / max(total, 1):>7.3f} {s['passes']:>7.2f} "
+               f"{tally.bytes[n] / 1e6:>9.2f}")
+    print0(f"mix: {tally.documents:,} documents, {total / 1e6:.2f} MB from {len(plan.sources)} sources in "
+           f"{seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.2f} MB/s) -> {where}")

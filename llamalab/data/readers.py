@@ -82,7 +82,7 @@ def _decode(raw: bytes, where: str, on_error: str, stats: ReadStats) -> str | No
                             f"use on_error=skip to count and skip such input") from None
 
 
-def read_text(path: Path, source: str, mode: str, on_error: str, stats: ReadStats) -> Iterator[Document]:
+def read_text_file(path: Path, source: str, mode: str, on_error: str, stats: ReadStats) -> Iterator[Document]:
     with open_binary(path) as f:
         raw = f.read()
     stats.bytes += len(raw)
@@ -194,7 +194,7 @@ def read_documents(paths: Iterable[str | Path], source: str | None = None, text_
         elif kind == ".parquet":
             it = read_parquet(path, src, text_field, on_error, stats)
         else:
-            it = read_text(path, src, text_mode, on_error, stats)
+            it = read_text_file(path, src, text_mode, on_error, stats)
         for doc in it:
             stats.documents += 1
             yield doc

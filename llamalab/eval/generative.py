@@ -14,6 +14,10 @@ The scoring functions are pure and follow the published definitions:
 
 Generation is injected as a ``SampleFn(prompts, n, temperature) -> n completions per prompt``, so
 the same code serves our model (:func:`model_sample_fn`) and tests with scripted completions.
+Our model decodes through :class:`llamalab.inference.engine.Engine`, the sampler of ``generate`` and
+``serve``: a completion here is the completion a user of the server gets for the same prompt and
+settings (greedy: the step-by-step argmax, tested). The trade-off: the engine keeps a fused copy of
+the weights and a KV cache of ``batch_size`` full-context rows for as long as a task is decoded.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ import re
 import string
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from llamalab.common import Progress
+from llamalab.inference.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llamalab.inference.engine import Engine
 
 SampleFn = Callable[[list[str], int, float], list[list[str]]]
 
@@ -111,17 +119,35 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # ----------------------------------------------------------------------------- evaluation loops
 
 
+def generate_texts(engine: Engine, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+                   stop: Sequence[str] = (), top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """Continue each prompt (BOS first) through ``engine``; the generated text, cut before the first stop string.
+
+    A prompt longer than the context keeps its last tokens (room is left for one new token); the
+    ``i``-th prompt samples with seed ``seed + i``. Decoding ends at EOS, a stop string, ``max_new_tokens``
+    or the end of the context."""
+    if max_new_tokens < 1:
+        return [""] * len(prompts)
+    keep = engine.max_seq_len - 1
+    ids = [engine.encode(p)[-keep:] for p in prompts]
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i,
+                             stop=[s for s in stop if s]) for i in range(len(prompts))]
+    return [out.text for out in engine.generate(ids, params)]
+
+
 def model_sample_fn(model, tokenizer, max_new_tokens: int, stop: Sequence[str], batch_size: int = 8,
                     seed: int = 0, top_p: float = 1.0) -> SampleFn:
-    """Our model as a :data:`SampleFn` (greedy when temperature is 0)."""
-    from llamalab.eval.generate_util import generate
+    """Our model as a :data:`SampleFn` (greedy when temperature is 0), decoding ``batch_size`` rows at a time."""
+    from llamalab.inference.engine import Engine
+
+    engine = Engine(model, tokenizer, slots=batch_size)
+    done = 0  # samples drawn so far: each sample gets its own seed
 
     def fn(prompts: list[str], n: int, temperature: float) -> list[list[str]]:
+        nonlocal done
         flat = [p for p in prompts for _ in range(n)]
-        out: list[str] = []
-        for b in range(0, len(flat), batch_size):
-            out += generate(model, tokenizer, flat[b:b + batch_size], max_new_tokens, temperature, stop,
-                            top_p=top_p, seed=seed + b)
+        out = generate_texts(engine, flat, max_new_tokens, temperature, stop, top_p, seed + done)
+        done += len(flat)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     return fn

@@ -5,11 +5,14 @@ Two ways (details in docs/eval.md):
 
 1. In process, with the model class registered here as ``llamalab``::
 
-       pip install lm_eval
+       pip install 'llamalab[lm-eval]'
+       llamalab eval harness runs/tiny --tasks hellaswag,arc_easy --limit 100 --output lm-eval-out/
        python -m llamalab.eval.lm_eval_adapter run --model llamalab \\
            --model_args pretrained=runs/tiny/checkpoints/step_001000/model,batch_size=16 --tasks hellaswag,arc_easy
 
-   or from Python: ``register(); lm_eval.simple_evaluate(model="llamalab", model_args="pretrained=...", tasks=[...])``.
+   The first is :func:`evaluate_with_harness` (lm-eval's ``simple_evaluate``); the second is
+   lm-eval's own CLI with the class registered. From Python: ``register();
+   lm_eval.simple_evaluate(model="llamalab", model_args="pretrained=...", tasks=[...])``.
 
 2. Over HTTP, against ``llamalab serve`` with lm-eval's ``local-completions`` model; log-likelihood
    tasks need the server to return prompt log-probabilities (``echo`` + ``logprobs``), generation
@@ -19,7 +22,8 @@ The three request types map onto llamalab's own scoring, so both harnesses token
 same way: ``loglikelihood`` -> :func:`llamalab.eval.loglik.score_text_pairs` (lm-eval's pair
 encoding, BOS first, left truncation); ``loglikelihood_rolling`` -> non-overlapping windows with
 full context for the last one, as lm-eval specifies; ``generate_until`` -> greedy (or sampled, if
-``do_sample``/``temperature`` is asked for) decoding until a stop string, EOS or ``max_gen_toks``.
+``do_sample``/``temperature`` is asked for) decoding through :class:`llamalab.inference.engine.Engine`
+(the sampler of ``generate`` and ``serve``) until a stop string, EOS or ``max_gen_toks``.
 
 :class:`LlamalabLMCore` holds the logic without importing lm_eval (tests use it directly);
 :func:`register` builds the lm_eval subclass when lm_eval is installed.
@@ -29,9 +33,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from llamalab.common import LlamalabError
+
+if TYPE_CHECKING:
+    from llamalab.inference.engine import Engine
 
 
 class LlamalabLMCore:
@@ -42,14 +49,24 @@ class LlamalabLMCore:
         if model is None:
             if pretrained is None:
                 raise LlamalabError("lm_eval model_args: give pretrained=<llamalab model folder>")
-            from llamalab.eval.run import load_model_and_tokenizer
+            from llamalab.eval.run import load_for_eval
 
-            model, tokenizer = load_model_and_tokenizer(pretrained, device if device not in (None, "") else "auto",
-                                                        dtype)
+            loaded = load_for_eval(pretrained, device if device not in (None, "") else "auto", dtype)
+            model, tokenizer = loaded.model, loaded.tokenizer
         self.model, self.tok = model, tokenizer
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.max_length = model.cfg.max_seq_len
+        self._engine = None
+
+    @property
+    def engine(self) -> Engine:
+        """The inference engine that decodes ``generate_until`` (built on first use: it copies the weights)."""
+        if self._engine is None:
+            from llamalab.inference.engine import Engine
+
+            self._engine = Engine(self.model, self.tok, slots=self.batch_size)
+        return self._engine
 
     # -- requests as plain tuples
     def loglikelihood_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -66,7 +83,7 @@ class LlamalabLMCore:
 
     def generate(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         """Requests grouped by identical generation settings, each group decoded in batches."""
-        from llamalab.eval.generate_util import generate
+        from llamalab.eval.generative import generate_texts
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -78,13 +95,14 @@ class LlamalabLMCore:
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", self.max_gen_toks))
             temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) or kw.get("temperature") else 0.0
-            for b in range(0, len(idx), self.batch_size):
-                chunk = idx[b:b + self.batch_size]
-                texts = generate(self.model, self.tok, [requests[i][0] for i in chunk], max_new, temp, until,
-                                 top_p=float(kw.get("top_p", 1.0)), seed=int(kw.get("seed", 0)) + b)
-                for i, t in zip(chunk, texts):
-                    out[i] = t
+            texts = generate_texts(self.engine, [requests[i][0] for i in idx], max_new, temp, until,
+                                   top_p=float(kw.get("top_p", 1.0)), seed=int(kw.get("seed", 0)))
+            for i, t in zip(idx, texts):
+                out[i] = t
         return out  # type: ignore[return-value]
+
+
+EXTRA = "pip install 'llamalab[lm-eval]'"
 
 
 def register():
@@ -92,8 +110,8 @@ def register():
     try:
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
-    except ImportError as e:
-        raise LlamalabError(f"lm-evaluation-harness is not installed ({e}); pip install lm_eval") from None
+    except ImportError:
+        raise LlamalabError(f"lm-evaluation-harness (lm_eval) is not installed; {EXTRA}") from None
     try:
         from lm_eval.api.registry import get_model
 
@@ -119,8 +137,20 @@ def register():
     return LlamalabLM
 
 
+def evaluate_with_harness(model: str | Path, tasks: Sequence[str], limit: int | None = None,
+                          num_fewshot: int | None = None, batch_size: int = 16, device: str = "auto",
+                          dtype: str = "auto", max_gen_toks: int = 256) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` on our model class (built here, so no model_args string to parse);
+    returns lm-eval's result dict. lm-eval loads (and may download) each task's data itself."""
+    cls = register()
+    from lm_eval.evaluator import simple_evaluate
+
+    lm = cls(pretrained=str(model), batch_size=batch_size, device=device, dtype=dtype, max_gen_toks=max_gen_toks)
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit)
+
+
 def main() -> None:
-    """``python -m llamalab.eval.lm_eval_adapter <lm_eval arguments>``: lm_eval's own CLI, with ``llamalab`` registered."""
+    """``python -m llamalab.eval.lm_eval_adapter <lm_eval arguments>``: lm_eval's own CLI, ``llamalab`` registered."""
     try:
         register()
         from lm_eval.__main__ import cli_evaluate

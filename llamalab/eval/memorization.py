@@ -1,9 +1,7 @@
 """Memorization of training data per checkpoint and per data chunk (LLM360; Biderman et al. 2023).
 
-    llamalab eval memorization runs/tiny --k 32 --l 32 --chunks 8 --per-chunk 64
-
-Training sequences are sampled through the run's record: the steps are split into ``--chunks``
-equal ranges ("data chunks": which step consumed the data) and ``--per-chunk`` sequences are drawn
+Training sequences are sampled through the run's record: the steps are split into ``chunks``
+equal ranges ("data chunks": which step consumed the data) and ``per_chunk`` sequences are drawn
 (seeded) from the global batches of each range, read back from the shards exactly as the trainer
 read them. Each checkpoint is prompted with the first ``k`` tokens of each sequence and greedily
 continues ``l`` tokens. Reported per checkpoint and per chunk:
@@ -17,55 +15,31 @@ Outputs: ``RUN/eval/step_XXXXXX/memorization.json`` per checkpoint (per-sequence
 recomputed only when the sample or k/l changes), ``RUN/eval/memorization.json`` (the summary) and
 three PNGs: score vs tokens seen, a checkpoint x chunk heatmap and the score histogram of the last
 checkpoint. The core (:func:`memorization_scores`, :func:`evaluate_memorization`) takes any
-iterable of ``(step, token_ids)``, so it works without a run folder.
+iterable of ``(step, token_ids)``, so it works without a run folder. The command is
+:mod:`llamalab.commands.eval.memorization`.
+
+Continuations are decoded by the inference engine (the sampler of ``generate`` and ``serve``) on
+token ids only: checkpoints are loaded without their tokenizer, and EOS is an ordinary token (a
+training sequence may hold one mid-window), so every continuation is exactly ``l`` tokens long.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-from llamalab.common import (
-    LlamalabError,
-    Progress,
-    print0,
-    read_json,
-    resolve_device,
-    resolve_dtype,
-    write_json_atomic,
-)
-from llamalab.eval.sweep import Checkpoint, find_checkpoints, select_every
-from llamalab.report.html import refresh_report
+from llamalab.common import LlamalabError, Progress, print0, read_json, write_json_atomic
+from llamalab.data.order import batch_indices, open_run_dataset
+from llamalab.eval.sweep import Checkpoint, add_figures, find_checkpoints, select_every
+from llamalab.run_dir import RunDir
 
-
-@dataclass
-class Config:
-    run: str = field(default="", metadata={"positional": True, "help": "run folder (runs/<name>)"})
-    k: int = field(default=32, metadata={"help": "prompt length in tokens"})
-    l: int = field(default=32, metadata={"help": "continuation length compared with the training data"})
-    chunks: int = field(default=8, metadata={"help": "number of data chunks (equal ranges of steps)"})
-    per_chunk: int = field(default=64, metadata={"help": "sequences sampled per chunk"})
-    every: int = field(default=1, metadata={"help": "every Nth checkpoint (the last one always)"})
-    batch_size: int = 32
-    seed: int = 0
-    force: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    plots: bool = True
-
-    def validate(self) -> None:
-        if not self.run:
-            raise LlamalabError("run: give a run folder (llamalab eval memorization RUN)")
-        for name in ("k", "l", "chunks", "per_chunk", "every", "batch_size"):
-            if getattr(self, name) < 1:
-                raise LlamalabError(f"{name} must be >= 1, got {getattr(self, name)}")
+MEMORIZATION = "memorization"  # eval/memorization.json (summary), eval/<checkpoint>/memorization.json
+Bounds = list[tuple[int, int]]  # inclusive (first step, last step) of each data chunk
 
 
 @dataclass
@@ -78,25 +52,44 @@ class Sample:
 # ----------------------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
+class _IdsOnly:
+    """The engine's tokenizer for id-only decoding: no text, no EOS (a memorized continuation may hold one)."""
+
+    bos_id = eos_id = -1
+    vocab_size = 0
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        raise LlamalabError("memorization decodes token ids only")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return ""
+
+    def id_to_piece(self, i: int) -> str:
+        return ""
+
+
 def memorization_scores(model: torch.nn.Module, sequences: Sequence[Sequence[int]], k: int, l: int,
                         batch_size: int = 32, label: str = "memorization") -> list[float]:
-    """Fraction of the ``l`` tokens after a ``k``-token prompt that greedy decoding reproduces."""
-    from llamalab.eval.generate_util import generate_ids
+    """Fraction of the ``l`` tokens after a ``k``-token prompt that greedy decoding reproduces.
+
+    The continuation is decoded by :class:`llamalab.inference.engine.Engine` (``batch_size`` rows at a
+    time, EOS an ordinary token), the sampler of ``generate`` and ``serve``."""
+    from llamalab.inference.engine import Engine
+    from llamalab.inference.sampling import SamplingParams
 
     for i, s in enumerate(sequences):
         if len(s) < k + l:
             raise LlamalabError(f"sequence {i} has {len(s)} tokens; k + l = {k + l} are needed")
     if k + l > model.cfg.max_seq_len:
         raise LlamalabError(f"k + l = {k + l} exceeds the model's context ({model.cfg.max_seq_len})")
+    engine = Engine(model, _IdsOnly(), slots=max(1, min(batch_size, len(sequences))))
+    greedy = SamplingParams(max_tokens=l, temperature=0.0, ignore_eos=True)
     out: list[float] = []
     bar = Progress(len(sequences), label, "seq")
     for b in range(0, len(sequences), batch_size):
         batch = [list(s[:k + l]) for s in sequences[b:b + batch_size]]
-        gen = generate_ids(model, [s[:k] for s in batch], l)
-        for s, g in zip(batch, gen):
-            truth = s[k:k + l]
-            out.append(sum(int(a == t) for a, t in zip(g, truth)) / l)
+        for s, gen in zip(batch, engine.generate([s[:k] for s in batch], greedy)):
+            out.append(sum(int(a == t) for a, t in zip(gen.token_ids, s[k:])) / l)
         bar.update(len(batch))
     bar.close()
     return out
@@ -108,7 +101,7 @@ def summarize(scores: Sequence[float]) -> dict[str, float]:
             "extractable_fraction": sum(s == 1.0 for s in scores) / n}
 
 
-def chunk_bounds(first_step: int, last_step: int, chunks: int) -> list[tuple[int, int]]:
+def chunk_bounds(first_step: int, last_step: int, chunks: int) -> Bounds:
     """``chunks`` contiguous, inclusive step ranges covering [first_step, last_step] (fewer if few steps)."""
     n = last_step - first_step + 1
     chunks = max(1, min(chunks, n))
@@ -116,7 +109,7 @@ def chunk_bounds(first_step: int, last_step: int, chunks: int) -> list[tuple[int
     return [(edges[i], edges[i + 1] - 1) for i in range(chunks)]
 
 
-def assign_chunks(samples: list[Sample], bounds: list[tuple[int, int]]) -> list[Sample]:
+def assign_chunks(samples: list[Sample], bounds: Bounds) -> list[Sample]:
     for s in samples:
         s.chunk = next((i for i, (a, b) in enumerate(bounds) if a <= s.step <= b), len(bounds) - 1)
     return samples
@@ -141,7 +134,7 @@ def evaluate_memorization(model: torch.nn.Module, samples: Sequence[Sample], k: 
 
 
 def sample_sequences(steps: Sequence[int], sequences_at: Callable[[int], Sequence[Sequence[int]]],
-                     chunks: int, per_chunk: int, seed: int, min_len: int) -> tuple[list[Sample], list[tuple[int, int]]]:
+                     chunks: int, per_chunk: int, seed: int, min_len: int) -> tuple[list[Sample], Bounds]:
     """Draw ``per_chunk`` (step, sequence) pairs from each of ``chunks`` equal step ranges (seeded).
 
     ``sequences_at(step)`` returns the sequences the trainer consumed at ``step``."""
@@ -166,7 +159,8 @@ def sample_sequences(steps: Sequence[int], sequences_at: Callable[[int], Sequenc
     return samples, bounds
 
 
-def samples_from_pairs(pairs: Iterable[tuple[int, Sequence[int]]], chunks: int, min_len: int) -> tuple[list[Sample], list[tuple[int, int]]]:
+def samples_from_pairs(pairs: Iterable[tuple[int, Sequence[int]]], chunks: int,
+                       min_len: int) -> tuple[list[Sample], Bounds]:
     """Samples from an iterable of ``(step, token_ids)``, chunked by step."""
     samples = [Sample(int(s), [int(t) for t in ids[:min_len]]) for s, ids in pairs if len(ids) >= min_len]
     if not samples:
@@ -175,30 +169,17 @@ def samples_from_pairs(pairs: Iterable[tuple[int, Sequence[int]]], chunks: int, 
     return assign_chunks(samples, bounds), bounds
 
 
-def run_sequence_source(run: Path) -> tuple[list[int], Callable[[int], list[list[int]]]]:
+def run_sequence_source(run: str | Path) -> tuple[list[int], Callable[[int], list[list[int]]]]:
     """Steps logged in ``metrics.jsonl`` and a function step -> the token windows of its global batch,
-    read through the run's data manifest (``llamalab.data.which_step``)."""
-    try:
-        from llamalab.data.which_step import open_run_dataset
-    except ImportError as e:
-        raise LlamalabError(f"reading a run's training data needs llamalab.data.which_step ({e})") from None
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        raise LlamalabError(f"{path}: not found (the step -> batch record of the run)")
-    batch_of: dict[int, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise LlamalabError(f"{path}:{n}: not valid JSON") from None
-            if "step" in row and "batch" in row:
-                batch_of[int(row["step"])] = int(row["batch"])
-    ds, meta = open_run_dataset(run)
+    read through the run's data manifest (:mod:`llamalab.data.order`, as ``llamalab data which-step``)."""
+
+    rd = RunDir(run)
+    batch_of = batch_indices(rd.root)
+    ds, meta = open_run_dataset(rd.root)
     try:
         global_seqs, seed = int(meta["plan"]["global_seqs"]), int(meta["config"]["seed"])
     except (KeyError, TypeError):
-        raise LlamalabError(f"{run / 'meta.json'}: needs plan.global_seqs and config.seed") from None
+        raise LlamalabError(f"{rd.meta}: needs plan.global_seqs and config.seed") from None
 
     def at(step: int) -> list[list[int]]:
         windows = ds.batch_windows(batch_of[step], global_seqs, seed)
@@ -217,54 +198,52 @@ def sample_hash(samples: Sequence[Sample], k: int, l: int) -> str:
     return h.hexdigest()[:16]
 
 
-def memorize_run(run: str | Path, samples: list[Sample], bounds: list[tuple[int, int]], cfg: Config,
-                 checkpoints: list[Checkpoint] | None = None) -> dict:
-    """Score every selected checkpoint on ``samples`` (resumable) and write the summary and plots."""
-    from llamalab.checkpoint import load_model
+def memorize_run(run: str | Path, samples: list[Sample], bounds: Bounds, k: int, l: int, *,
+                 every: int = 1, batch_size: int = 32, force: bool = False, device: str = "auto",
+                 dtype: str = "auto", plots: bool = True, checkpoints: list[Checkpoint] | None = None) -> dict:
+    """Score every ``every``-th checkpoint (or ``checkpoints``) on ``samples`` and write the per-checkpoint
+    results, the summary and (``plots``) the figures. Resumable: a checkpoint whose result was made
+    from the same sample and k/l is read back, not recomputed (``force`` recomputes)."""
+    from llamalab.model.folder import load
 
-    run = Path(run)
-    ckpts = checkpoints if checkpoints is not None else select_every(find_checkpoints(run), cfg.every)
+    rd = RunDir(run)
+    ckpts = checkpoints if checkpoints is not None else select_every(find_checkpoints(rd.root), every)
     if not ckpts:
-        raise LlamalabError(f"{run / 'checkpoints'}: no checkpoint (step_*/model)")
-    digest = sample_hash(samples, cfg.k, cfg.l)
-    dev = resolve_device(cfg.device)
+        raise LlamalabError(f"{rd.checkpoints}: no checkpoint (step_*/model)")
+    digest = sample_hash(samples, k, l)
     rows = []
     for n, ck in enumerate(ckpts, start=1):
-        out = run / "eval" / ck.name / "memorization.json"
-        if out.exists() and not cfg.force and read_json(out, what="memorization result").get("sample_hash") == digest:
+        out = rd.eval_result(ck.name, MEMORIZATION)
+        if out.exists() and not force and read_json(out, what="memorization result").get("sample_hash") == digest:
             print0(f"memorization {n}/{len(ckpts)} {ck.name}: done, skipped")
             rows.append(read_json(out, what="memorization result"))
             continue
-        model, _ = load_model(ck.model, device=dev, dtype=resolve_dtype(cfg.dtype, dev))
-        res = evaluate_memorization(model, samples, cfg.k, cfg.l, ck.step, len(bounds), cfg.batch_size)
-        res.update(step=ck.step, tokens_seen=ck.tokens_seen, k=cfg.k, l=cfg.l, sample_hash=digest,
+        model = load(ck.model, device, dtype, with_tokenizer=False).model
+        res = evaluate_memorization(model, samples, k, l, ck.step, len(bounds), batch_size)
+        res.update(step=ck.step, tokens_seen=ck.tokens_seen, k=k, l=l, sample_hash=digest,
                    samples=[{"step": s.step, "chunk": s.chunk} for s in samples])
         write_json_atomic(out, res)
         rows.append(res)
         del model
-    summary = {"k": cfg.k, "l": cfg.l, "chunks": [{"chunk": i, "first_step": a, "last_step": b}
-                                                   for i, (a, b) in enumerate(bounds)],
+    summary = {"k": k, "l": l, "chunks": [{"chunk": i, "first_step": a, "last_step": b}
+                                         for i, (a, b) in enumerate(bounds)],
                "n_sequences": len(samples), "sample_hash": digest,
                "checkpoints": [{"step": r["step"], "tokens_seen": r["tokens_seen"], **r["overall"],
                                 "per_chunk": r["per_chunk"]} for r in rows]}
-    write_json_atomic(run / "eval" / "memorization.json", summary)
-    if cfg.plots:
-        figs = plot_memorization(run, summary, rows[-1]["scores"])
-        index_path = run / "eval" / "figures.json"
-        index = read_json(index_path, what="figure index") if index_path.exists() else {}
-        index["memorization"] = figs
-        write_json_atomic(index_path, index)
+    write_json_atomic(rd.eval_file(f"{MEMORIZATION}.json"), summary)
+    if plots:
+        add_figures(rd.root, MEMORIZATION, plot_memorization(rd.root, summary, rows[-1]["scores"]))
     return summary
 
 
-def plot_memorization(run: Path, summary: dict, last_scores: list[float]) -> list[dict[str, str]]:
+def plot_memorization(run: str | Path, summary: dict, last_scores: list[float]) -> list[dict[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cks = summary["checkpoints"]
-    k, l = summary["k"], summary["l"]
+    k, n_cont = summary["k"], summary["l"]
     figs = []
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = [c["tokens_seen"] for c in cks]
@@ -272,11 +251,11 @@ def plot_memorization(run: Path, summary: dict, last_scores: list[float]) -> lis
     ax.plot(x, [c["extractable_fraction"] for c in cks], marker="s", label="exactly extractable")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("fraction")
-    ax.set_title(f"memorization (k={k}, l={l})")
+    ax.set_title(f"memorization (k={k}, l={n_cont})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(run / "eval" / "memorization_curve.png", dpi=110)
+    fig.savefig(RunDir(run).eval_file("memorization_curve.png"), dpi=110)
     plt.close(fig)
     figs.append({"path": "memorization_curve.png", "caption": f"mean memorization score and fraction of exactly "
                  f"extractable sequences vs tokens seen ({summary['n_sequences']} sampled training sequences)"})
@@ -294,21 +273,22 @@ def plot_memorization(run: Path, summary: dict, last_scores: list[float]) -> lis
     ax.set_ylabel("checkpoint step")
     fig.colorbar(im, ax=ax, label="memorization score")
     fig.tight_layout()
-    fig.savefig(run / "eval" / "memorization_chunks.png", dpi=110)
+    fig.savefig(RunDir(run).eval_file("memorization_chunks.png"), dpi=110)
     plt.close(fig)
     figs.append({"path": "memorization_chunks.png", "caption": "mean memorization score per checkpoint (rows) "
                  "and data chunk (columns, by the steps that consumed it)"})
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.hist(last_scores, bins=[i / l for i in range(l + 2)], color="tab:blue")
+    ax.hist(last_scores, bins=[i / n_cont for i in range(n_cont + 2)], color="tab:blue")
     ax.set_yscale("log")
     ax.set_xlabel("memorization score")
     ax.set_ylabel("sequences")
     ax.set_title(f"score distribution at step {cks[-1]['step']}")
     fig.tight_layout()
-    fig.savefig(run / "eval" / "memorization_hist.png", dpi=110)
+    fig.savefig(RunDir(run).eval_file("memorization_hist.png"), dpi=110)
     plt.close(fig)
-    figs.append({"path": "memorization_hist.png", "caption": "distribution of memorization scores at the last checkpoint"})
+    figs.append({"path": "memorization_hist.png",
+                 "caption": "distribution of memorization scores at the last checkpoint"})
     return figs
 
 
@@ -316,26 +296,3 @@ def print_summary(summary: dict) -> None:
     print0(f"{'step':>8} {'tokens':>12} {'mean score':>10} {'extractable':>11}")
     for c in summary["checkpoints"]:
         print0(f"{c['step']:>8} {c['tokens_seen']:>12,} {c['mean_score']:>10.4f} {c['extractable']:>6}/{c['n']:<4}")
-
-
-def main(cfg: Config) -> dict:
-    cfg.validate()
-    t0 = time.perf_counter()
-    run = Path(cfg.run)
-    steps, at = run_sequence_source(run)
-    samples, bounds = sample_sequences(steps, at, cfg.chunks, cfg.per_chunk, cfg.seed, cfg.k + cfg.l)
-    if not samples:
-        raise LlamalabError(f"{run}: no training sequence of at least k + l = {cfg.k + cfg.l} tokens")
-    print0(f"memorization: {len(samples)} training sequences from {len(bounds)} chunks of steps {steps[0]}..{steps[-1]}")
-    summary = memorize_run(run, samples, bounds, cfg)
-    print_summary(summary)
-    print0(f"memorization done in {time.perf_counter() - t0:.1f}s: {len(summary['checkpoints'])} checkpoint(s), "
-           f"{len(samples)} sequences; results in {run / 'eval'}/")
-    refresh_report(Path(cfg.run))
-    return summary
-
-
-if __name__ == "__main__":
-    from llamalab.cli import stage_main
-
-    stage_main(Config, main)

@@ -16,9 +16,9 @@ turns of the same role are merged (joined with a blank line), a trailing user tu
 is dropped. A conversation with no assistant turn left, or with an unknown role, is dropped and
 counted with that reason. Malformed input (bad JSON, missing fields, wrong types) raises a
 :class:`LlamalabError` naming ``file:line`` by default, or is counted with that location under
-``on_error="skip"``. Nothing is dropped without a line in :class:`Ledger`.
+``on_error="skip"``. Nothing is dropped without a line in :class:`SFTLedger`.
 
-Rendering goes through :func:`llamalab.tokenizer.chat.render` (the one template implementation
+Rendering goes through :func:`llamalab.tokenizer.templates.render` (the one template implementation
 shared with inference), giving token ids and a loss mask that is 1 on every assistant turn's content
 and its closing token (EOS), 0 on system/user text and template scaffolding.
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.common import LlamalabError, Progress
-from llamalab.tokenizer.chat import render
+from llamalab.tokenizer.templates import render
 
 FORMATS = ("alpaca", "sharegpt")
 OVERLONG = ("split", "truncate", "drop")
@@ -71,8 +72,13 @@ class Example:
 
 
 @dataclass
-class Ledger:
-    """Counts of what happened to every record read (printed in the SFT summary, saved as JSON)."""
+class SFTLedger:
+    """Counts of what happened to every record read (printed in the SFT summary, saved as JSON).
+
+    Not :class:`llamalab.data.ledger.Ledger`: that one counts pretraining documents and lines
+    dropped per (stage, reason) and merges per-shard ledgers; this one counts conversations, the
+    fixes applied to kept ones, the examples they became and their tokens.
+    """
 
     read: int = 0
     kept: int = 0  # records that gave at least one example
@@ -100,6 +106,20 @@ class Ledger:
         return (f"{self.read} records read, {self.kept} kept -> {self.examples} examples, "
                 f"{sum(self.dropped.values())} dropped ({drops}); fixes: {fixes}; {self.tokens:,} tokens, "
                 f"{self.loss_tokens:,} trained on; {self.tokens_cut:,} cut by truncation")
+
+
+def split_val(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, val): a seeded random ``fraction`` of the *records* held out (at least one), so the
+    chunks of one split conversation never straddle train and val."""
+    if not fraction:
+        return examples, []
+    records = sorted({e.record for e in examples})
+    random.Random(seed + 1).shuffle(records)
+    k = max(1, round(fraction * len(records)))
+    if k >= len(records):
+        raise LlamalabError(f"sft: --val-fraction {fraction} leaves no training records")
+    held = set(records[:k])
+    return [e for e in examples if e.record not in held], [e for e in examples if e.record in held]
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -263,7 +283,7 @@ def _render(msgs: list[dict[str, str]], template: str, tok: Any) -> tuple[list[i
 
 
 def render_example(msgs: list[dict[str, str]], template: str, tok: Any, max_len: int, overlong: str,
-                   where: str, ledger: Ledger) -> list[Example]:
+                   where: str, ledger: SFTLedger) -> list[Example]:
     """Render one conversation into 0+ examples of at most ``max_len`` tokens (module docstring rule)."""
     ids, mask = _render(msgs, template, tok)
     if len(ids) <= max_len:
@@ -294,7 +314,7 @@ def render_example(msgs: list[dict[str, str]], template: str, tok: Any, max_len:
     return out
 
 
-def _truncated(ids: list[int], mask: list[int], max_len: int, where: str, ledger: Ledger) -> list[Example]:
+def _truncated(ids: list[int], mask: list[int], max_len: int, where: str, ledger: SFTLedger) -> list[Example]:
     """The first ``max_len`` tokens, or nothing when no assistant token survives (the caller counts it)."""
     ledger.tokens_cut += len(ids) - max_len
     ids, mask = ids[:max_len], mask[:max_len]
@@ -323,8 +343,8 @@ def _turn_chunks(msgs: list[dict[str, str]], template: str, tok: Any, max_len: i
 
 
 def load_sft_data(paths: Sequence[str | Path], fmt: str, template: str, tok: Any, max_len: int,
-                  overlong: str = "split", on_error: str = "raise", ledger: Ledger | None = None,
-                  limit: int = 0) -> tuple[list[Example], Ledger]:
+                  overlong: str = "split", on_error: str = "raise", ledger: SFTLedger | None = None,
+                  limit: int = 0) -> tuple[list[Example], SFTLedger]:
     """Read, normalise, render and length-check every record of ``paths`` (see module docstring)."""
     if fmt not in FORMATS:
         raise LlamalabError(f"format: must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -332,7 +352,7 @@ def load_sft_data(paths: Sequence[str | Path], fmt: str, template: str, tok: Any
         raise LlamalabError(f"overlong: must be one of {', '.join(OVERLONG)}, got {overlong!r}")
     if on_error not in ("raise", "skip"):
         raise LlamalabError(f"on_error: must be raise or skip, got {on_error!r}")
-    ledger = ledger or Ledger()
+    ledger = ledger or SFTLedger()
     out: list[Example] = []
     bar = Progress(limit or None, "sft data", unit="records", every=5.0)
     for path in paths:
@@ -355,7 +375,7 @@ def load_sft_data(paths: Sequence[str | Path], fmt: str, template: str, tok: Any
 
 
 def _one_record(where: str, rec: Any, fmt: str, template: str, tok: Any, max_len: int, overlong: str,
-                on_error: str, ledger: Ledger) -> list[Example]:
+                on_error: str, ledger: SFTLedger) -> list[Example]:
     try:
         if isinstance(rec, json.JSONDecodeError):
             raise BadRecord("malformed", f"invalid JSON ({rec.msg}, column {rec.colno})")

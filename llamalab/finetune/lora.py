@@ -149,6 +149,7 @@ def load_adapter(folder: str | Path, model: nn.Module, base_sha256: str | None =
     have = adapter_state(model)
     if set(sd) != set(have):
         raise LlamalabError(f"{folder / ADAPTER_WEIGHTS}: keys do not match the model "
-                            f"(missing {sorted(set(have) - set(sd))[:3]}, unexpected {sorted(set(sd) - set(have))[:3]})")
+                            f"(missing {sorted(set(have) - set(sd))[:3]}, "
+                            f"unexpected {sorted(set(sd) - set(have))[:3]})")
     model.load_state_dict(sd, strict=False)
     return cfg

@@ -14,6 +14,10 @@ Attention: the trainer hands ``loss_fn(model, x, y)`` one tensor ``x``; here ``x
 :class:`~llamalab.train.trainer.Trainer` needs no change. :func:`packed_mask` builds the
 block-diagonal causal mask ``(B, 1, T, T)`` (True = may attend) passed to the model.
 
+Batches: ``epochs * ceil(rows / batch_size)`` steps (:func:`plan_steps`); global batch ``b`` is a
+slice of epoch ``b // per_epoch``'s shuffled rows (:func:`make_batch_fn`), a pure function of ``b``,
+so resume, rollback and a resize replay the same data.
+
 RoPE positions are NOT restarted per example (HF/TRL restart them through ``position_ids``; our
 ``Transformer`` takes only a ``start_pos``). This is equivalent: RoPE makes the score of query m and
 key n a function of m - n only, and the mask keeps both inside one example, so an example's logits
@@ -25,13 +29,14 @@ tests/finetune). Cost of the mask: SDPA cannot use its causal fast path with an 
 from __future__ import annotations
 
 import bisect
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from llamalab.finetune.data import Example
-from llamalab.train.loop import IGNORE_INDEX, token_loss_sum
+from llamalab.train.step import IGNORE_INDEX, token_loss_sum
 
 
 def targets_of(ex: Example) -> list[int]:
@@ -106,3 +111,45 @@ def sft_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def sft_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The Trainer's ``loss_fn``: summed cross-entropy over assistant targets of packed rows."""
     return token_loss_sum(sft_forward(model, x), y)
+
+
+def plan_steps(n_rows: int, batch_size: int, epochs: float, steps: int = 0) -> tuple[int, int, int]:
+    """(rows per global batch, steps per epoch, total steps): ``steps``, or ``epochs`` over the rows."""
+    g = min(batch_size, n_rows)
+    per_epoch = math.ceil(n_rows / g)
+    return g, per_epoch, steps or max(1, math.ceil(epochs * per_epoch))
+
+
+def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_epoch: int, micro: int,
+                  pad_id: int, seed: int, rank: int = 0, world: int = 1
+                  ) -> Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``batch(b)``: this rank's share of global batch b = rows of epoch b // per_epoch in that
+    epoch's shuffled order (a pure function of b and independent of the world size, so resume,
+    rollback and a resize replay exactly). Ranks take contiguous slices of the global rows.
+
+    NOTE: an epoch's last batch can hold fewer rows than ranks; a rank left without rows gets one
+    all-padding row with no targets, so every rank still runs backward (DDP would hang otherwise)
+    and the loss and gradients are unchanged.
+    """
+
+    def batch(b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, j = divmod(b, per_epoch)
+        order = list(range(len(rows)))
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        picked = [rows[i] for i in order[j * g:(j + 1) * g]]
+        share = -(-len(picked) // world)
+        mine = picked[rank * share:(rank + 1) * share]
+        if not mine:
+            x, y = collate(examples, picked[:1], pad_id)
+            x[:, 0], x[:, 1], y[:] = pad_id, 0, IGNORE_INDEX  # padding tokens, no segment, no targets
+            return [(x, y)]
+        return [collate(examples, mine[k:k + micro], pad_id) for k in range(0, len(mine), micro)]
+
+    return batch
+
+
+def eval_batches(examples: Sequence[Example], rows: Sequence[Sequence[int]], micro: int,
+                 pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every row once, ``micro`` rows at a time, in order (for a validation loss)."""
+    for k in range(0, len(rows), micro):
+        yield collate(examples, rows[k:k + micro], pad_id)

@@ -47,20 +47,6 @@ class TokenizerLike(Protocol):
     def id_to_piece(self, i: int) -> str: ...
 
 
-def load_tokenizer(folder: str | Path) -> TokenizerLike:
-    """The tokenizer of a model folder: tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE)."""
-    folder = Path(folder)
-    if (folder / "tokenizer.model").exists():
-        from llamalab.tokenizer import Tokenizer
-
-        return Tokenizer(folder / "tokenizer.model")
-    if (folder / "tokenizer.json").exists():
-        from llamalab.interop.gguf import BPETokenizer
-
-        return BPETokenizer(folder / "tokenizer.json")
-    raise LlamalabError(f"{folder}: no tokenizer.model or tokenizer.json; the engine needs a tokenizer")
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -184,11 +170,12 @@ class Engine:
     def from_folder(cls, folder: str | Path, slots: int = 8, quantize: str = "none", compile: bool = False,
                     max_seq_len: int | None = None, dtype: torch.dtype = torch.float32,
                     device: str = "cpu") -> "Engine":
-        from llamalab.checkpoint import load_model
+        """An engine over anything :func:`llamalab.model.folder.load` reads (model/run/HF folder, .gguf)."""
+        from llamalab.model.folder import load
 
-        model, meta = load_model(folder, device=device, dtype=dtype)
-        return cls(model, load_tokenizer(folder), slots=slots, max_seq_len=max_seq_len, quantize=quantize,
-                   compile=compile, meta=meta)
+        loaded = load(folder, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, slots=slots, max_seq_len=max_seq_len, quantize=quantize,
+                   compile=compile, meta=loaded.meta)
 
     # ------------------------------------------------------------------ requests
 

@@ -66,8 +66,10 @@ class Runner:
                               sd[p + "attention.wv.weight"]], 0)
             w13 = torch.cat([sd[p + "feed_forward.w1.weight"], sd[p + "feed_forward.w3.weight"]], 0)
             self.layers.append(_Layer(sd[p + "attention_norm.weight"], sd[p + "ffn_norm.weight"],
-                                      make_linear(wqkv, quantize), make_linear(sd[p + "attention.wo.weight"], quantize),
-                                      make_linear(w13, quantize), make_linear(sd[p + "feed_forward.w2.weight"], quantize)))
+                                      make_linear(wqkv, quantize),
+                                      make_linear(sd[p + "attention.wo.weight"], quantize),
+                                      make_linear(w13, quantize),
+                                      make_linear(sd[p + "feed_forward.w2.weight"], quantize)))
         self.norm = sd["norm.weight"]
         self.output = make_linear(out_w, quantize)
         self.quantize = quantize
@@ -92,7 +94,8 @@ class Runner:
         H, Hk, D = self.n_heads, self.n_kv, self.head_dim
         x = F.rms_norm(h, (h.shape[-1],), layer.attn_norm, self.eps)
         qkv = layer.wqkv(x).view(B, T, H + 2 * Hk, D)
-        qk = torch.view_as_real(torch.view_as_complex(qkv[:, :, : H + Hk].float().reshape(B, T, H + Hk, D // 2, 2)) * fc)
+        qk = torch.view_as_real(
+            torch.view_as_complex(qkv[:, :, : H + Hk].float().reshape(B, T, H + Hk, D // 2, 2)) * fc)
         qk = qk.flatten(3).to(h.dtype)
         q = qk[:, :, :H].transpose(1, 2)
         k, v = write(li, qk[:, :, H:], qkv[:, :, H + Hk:])

@@ -13,7 +13,7 @@ Import (``llamalab convert model.gguf FOLDER``) reads LLaMA-architecture files, 
 ``gguf`` package can dequantise (f32, f16, bf16, q8_0, q4_0, q4_K, ...), dequantised to f32 on load,
 and both tokenizer kinds llama.cpp uses: ``llama`` (SentencePiece; rebuilt as a tokenizer.model
 from the vocabulary, scores and token types) and ``gpt2`` (byte-level BPE; written as a
-tokenizer.json for the ``tokenizers`` package and served by :class:`BPETokenizer`).
+tokenizer.json for the ``tokenizers`` package and served by :class:`llamalab.tokenizer.BPETokenizer`).
 Rope scaling and other architectures are refused with a message naming the key.
 """
 
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from llamalab.checkpoint import load_into, load_model, save_model, tokenizer_path
 from llamalab.common import LlamalabError, print0
 from llamalab.model.config import ModelConfig
+from llamalab.model.folder import load_into, load_model, save_model, tokenizer_path
 from llamalab.model.transformer import Transformer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -92,6 +92,20 @@ def _add_spm_vocab(w: Any, tok_file: Path) -> None:
     w.add_add_eos_token(False)
 
 
+def add_llama_keys(w: Any, cfg: ModelConfig) -> None:
+    """The ``llama.*`` architecture keys of ``cfg`` on a ``gguf.GGUFWriter``."""
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_hidden_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+
+
 def export_gguf(model: Transformer, dst: str | Path, gguf_type: str = "f16", tok_file: Path | None = None,
                 chat_template: str | None = None, name: str = "llamalab") -> Path:
     import gguf
@@ -103,16 +117,7 @@ def export_gguf(model: Transformer, dst: str | Path, gguf_type: str = "f16", tok
     dst.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(dst), "llama")
     w.add_name(name)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_hidden_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
+    add_llama_keys(w, cfg)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     w.add_file_type(ftype)
@@ -254,48 +259,6 @@ def bpe_tokenizer_json(kv: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class BPETokenizer:
-    """Byte-level BPE (GPT-2 / Llama-3 style) from a tokenizer.json, with llamalab's Tokenizer interface."""
-
-    def __init__(self, path: str | Path) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(path)
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        self.tk = HFTokenizer.from_str(json.dumps({k: v for k, v in spec.items() if k != "llamalab"}))
-        ids = spec.get("llamalab", {})
-        self.bos_id: int = ids.get("bos_id", -1)
-        self.eos_id: int = ids.get("eos_id", -1)
-        self.pad_id = -1
-        self.unk_id = -1
-        self.path = path
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tk.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
-        if bos and self.bos_id >= 0:
-            ids = [self.bos_id] + ids
-        if eos and self.eos_id >= 0:
-            ids = ids + [self.eos_id]
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def id_to_piece(self, i: int) -> str:
-        return self.tk.id_to_token(int(i)) or ""
-
-    def piece_to_id(self, piece: str) -> int:
-        i = self.tk.token_to_id(piece)
-        return -1 if i is None else i
-
-    def token_text(self, i: int) -> str:
-        return self.tk.decode([int(i)], skip_special_tokens=False)
-
-
 def load_gguf(src: str | Path) -> tuple[Transformer, dict[str, Any]]:
     """Read a LLaMA GGUF file -> (model in f32, its key/value metadata)."""
     import gguf
@@ -328,6 +291,39 @@ def load_gguf(src: str | Path) -> tuple[Transformer, dict[str, Any]]:
     return model.eval(), kv
 
 
+def gguf_extra(src: Path, kv: dict[str, Any]) -> dict[str, Any]:
+    """The config.json keys an imported GGUF file carries: where it came from and its chat template."""
+    extra: dict[str, Any] = {"imported_from": {"format": "gguf", "path": str(src.resolve()),
+                                               "file_type": kv.get("general.file_type"),
+                                               "tokenizer": kv.get("tokenizer.ggml.model")}}
+    if kv.get("llamalab.chat_template"):
+        extra["chat_template"] = kv["llamalab.chat_template"]
+    elif isinstance(kv.get("tokenizer.chat_template"), str):
+        extra["gguf_chat_template"] = kv["tokenizer.chat_template"]
+    return extra
+
+
+def _tokenizer_kind(kv: dict[str, Any], where: str) -> str | None:
+    kind = kv.get("tokenizer.ggml.model")
+    if kind not in (None, "llama", "gpt2"):
+        raise LlamalabError(f"{where}: tokenizer.ggml.model={kind!r} is not supported (llama or gpt2)")
+    return kind
+
+
+def gguf_tokenizer(kv: dict[str, Any], where: str) -> Any:
+    """The file's tokenizer built in memory (SentencePiece or byte-level BPE), or None without a vocabulary."""
+    kind = _tokenizer_kind(kv, where)
+    if kind == "llama":
+        from llamalab.tokenizer import Tokenizer
+
+        return Tokenizer.from_bytes(spm_model_bytes(kv), where=where)
+    if kind == "gpt2":
+        from llamalab.tokenizer import BPETokenizer
+
+        return BPETokenizer.from_spec(bpe_tokenizer_json(kv))
+    return None
+
+
 def import_gguf(src: str | Path, dst: str | Path) -> Path:
     """.gguf file -> llamalab model folder (tokenizer rebuilt from the file's vocabulary)."""
     import shutil
@@ -335,23 +331,14 @@ def import_gguf(src: str | Path, dst: str | Path) -> Path:
 
     src = Path(src)
     model, kv = load_gguf(src)
-    kind = kv.get("tokenizer.ggml.model")
-    extra: dict[str, Any] = {"imported_from": {"format": "gguf", "path": str(src.resolve()),
-                                               "file_type": kv.get("general.file_type"), "tokenizer": kind}}
-    if kv.get("llamalab.chat_template"):
-        extra["chat_template"] = kv["llamalab.chat_template"]
-    elif isinstance(kv.get("tokenizer.chat_template"), str):
-        extra["gguf_chat_template"] = kv["tokenizer.chat_template"]
+    kind = _tokenizer_kind(kv, str(src))
+    extra = gguf_extra(src, kv)
     tmp = Path(tempfile.mkdtemp(prefix="gguf-tok-"))
     try:
         tok_file = None
         if kind == "llama":
             tok_file = tmp / "tokenizer.model"
             tok_file.write_bytes(spm_model_bytes(kv))
-        elif kind == "gpt2":
-            pass
-        elif kind is not None:
-            raise LlamalabError(f"{src}: tokenizer.ggml.model={kind!r} is not supported (llama or gpt2)")
         out = save_model(dst, model, tokenizer_path=tok_file, extra=extra)
         if kind == "gpt2":
             (out / "tokenizer.json").write_text(json.dumps(bpe_tokenizer_json(kv), ensure_ascii=False),

@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llamalab.checkpoint import load_model, save_model, tokenizer_path, load_into
 from llamalab.common import LlamalabError, read_json, write_json_atomic
 from llamalab.model.config import ModelConfig
+from llamalab.model.folder import load_into, load_model, save_model, tokenizer_path
 from llamalab.model.transformer import Transformer
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
@@ -156,7 +156,8 @@ def state_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) 
     missing = sorted(set(names) - set(hf_sd))
     unexpected = sorted(set(hf_sd) - set(names))
     if missing or unexpected:
-        raise LlamalabError(f"{where}: tensors do not match config.json: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise LlamalabError(f"{where}: tensors do not match config.json: missing {missing[:4]}, "
+                            f"unexpected {unexpected[:4]}")
     sd: dict[str, torch.Tensor] = {}
     for hf_name, ours in names.items():
         w = hf_sd[hf_name]
@@ -201,22 +202,51 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> Transform
     return model.to(dtype).eval()
 
 
-def import_hf(src: str | Path, dst: str | Path) -> Path:
-    """HF folder -> llamalab model folder (tokenizer.model copied when present)."""
-    src = Path(src)
-    model = load_hf(src)
-    tok = src / "tokenizer.model"
-    if not tok.exists():
-        tok = None
+def hf_extra(src: Path) -> dict[str, Any]:
+    """The config.json keys an imported HF folder carries: where it came from and its Jinja chat template."""
     hf_cfg = read_json(src / "config.json")
-    extra = {"imported_from": {"format": "huggingface", "path": str(src.resolve()),
-                               "architectures": hf_cfg.get("architectures")}}
+    extra: dict[str, Any] = {"imported_from": {"format": "huggingface", "path": str(src.resolve()),
+                                               "architectures": hf_cfg.get("architectures")}}
     tcfg = src / "tokenizer_config.json"
     if tcfg.exists():
         chat = read_json(tcfg).get("chat_template")
         if isinstance(chat, str):
             extra["hf_chat_template"] = chat
-    return save_model(dst, model, tokenizer_path=tok, extra=extra)
+    return extra
+
+
+def hf_tokenizer(src: Path) -> Any:
+    """A HF folder's tokenizer: tokenizer.model (SentencePiece), else tokenizer.json (BPE); None if neither.
+
+    tokenizer.json has no notion of BOS/EOS for ``encode(bos=True)``; they come from config.json's
+    ``bos_token_id``/``eos_token_id`` (HF keeps them there).
+    """
+    if (src / "tokenizer.model").exists():
+        from llamalab.tokenizer import Tokenizer
+
+        return Tokenizer(src / "tokenizer.model")
+    path = src / "tokenizer.json"
+    if not path.exists():
+        return None
+    from llamalab.tokenizer import BPETokenizer
+
+    hf_cfg = read_json(src / "config.json")
+    spec = read_json(path, what="tokenizer.json")
+    ids = {}
+    for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+        v = hf_cfg.get(theirs)
+        v = v[0] if isinstance(v, list) and v else v  # Llama 3 lists several EOS ids; the first is the canonical one
+        if isinstance(v, int):
+            ids[ours] = v
+    return BPETokenizer.from_spec({**spec, "llamalab": ids})
+
+
+def import_hf(src: str | Path, dst: str | Path) -> Path:
+    """HF folder -> llamalab model folder (tokenizer.model copied when present)."""
+    src = Path(src)
+    model = load_hf(src)
+    tok = src / "tokenizer.model"
+    return save_model(dst, model, tokenizer_path=tok if tok.exists() else None, extra=hf_extra(src))
 
 
 def _tokenizer_files(dst: Path, tok_path: Path | None, bos: int, eos: int, chat_template: str | None = None) -> None:
@@ -289,7 +319,7 @@ def _jinja_for(meta: dict) -> str | None:
     if isinstance(meta.get("hf_chat_template"), str):
         return meta["hf_chat_template"]
     if meta.get("chat_template"):
-        from llamalab.tokenizer.chat import hf_chat_template
+        from llamalab.tokenizer.templates import hf_chat_template
 
         return hf_chat_template(meta["chat_template"])
     return None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamalab.model.config import ModelConfig
-from llamalab.model.layers import apply_rotary_emb
+from llamalab.model.layers import WeightInit, apply_rotary_emb
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -67,12 +67,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
+    def init_weights(self, init: WeightInit) -> None:
+        """q, k, v at ``init.std``; the output projection writes the residual: ``init.resid_std``."""
+        for w in (self.wq, self.wk, self.wv):
+            init.normal_(w.weight, init.std)
+        init.normal_(self.wo.weight, init.resid_std)
+
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, kv_cache: KVCache | None = None,
                 start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # NOTE: heads counted from the projections' widths (-1), not n_heads: under tensor
+        # parallelism each rank's wq/wk/wv hold 1/tp of the heads, and n_rep is unchanged
+        xq = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, D)
+        xk = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        xv = self.wv(x).view(B, T, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, xk.transpose(1, 2), xv.transpose(1, 2))

@@ -18,14 +18,12 @@ Weight init (``cfg.init``):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from llamalab.model.attention import Attention, KVCache
 from llamalab.model.config import ModelConfig
-from llamalab.model.layers import FeedForward, RMSNorm, precompute_freqs_cis
+from llamalab.model.layers import FeedForward, RMSNorm, WeightInit, precompute_freqs_cis
 
 
 class TransformerBlock(nn.Module):
@@ -41,6 +39,13 @@ class TransformerBlock(nn.Module):
                 start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, kv_cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, init: WeightInit) -> None:
+        # NOTE: the order of named_parameters(), which fixes the draws of a seeded init
+        self.attention.init_weights(init)
+        self.feed_forward.init_weights(init)
+        self.attention_norm.init_weights(init)
+        self.ffn_norm.init_weights(init)
 
 
 class Transformer(nn.Module):
@@ -64,25 +69,23 @@ class Transformer(nn.Module):
         return torch.view_as_real(precompute_freqs_cis(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta))
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """(Re)initialise every weight per ``cfg.init`` and rebuild the rotary table (also after meta)."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
+    def init_weights(self, seed: int | None = None, init: WeightInit | None = None) -> None:
+        """(Re)initialise every weight per ``cfg.init`` and rebuild the rotary table (also after meta).
+
+        ``seed``: draw from a CPU generator seeded with it (the same weights on any device);
+        ``init``: draw through this :class:`WeightInit` instead (FSDP passes a sharding one).
+        """
+        if init is None:
+            init = WeightInit.for_model(self.cfg.init, self.cfg.n_layers, seed)
         if self.cfg.tie_embeddings:  # NOTE: to_empty() from meta unties shared parameters; tie again
             self.output.weight = self.tok_embeddings.weight
-        std = 0.02 if self.cfg.init == "llama" else 0.006
-        resid_std = std / math.sqrt(2 * self.cfg.n_layers)
         self.freqs_cis.copy_(self._freqs().to(self.freqs_cis.device))
-        for name, p in self.named_parameters():
-            if p.ndim == 1:  # RMSNorm weights
-                p.fill_(1.0)
-                continue
-            s = resid_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else std
-            if gen is not None and p.device.type != "cpu":
-                p.copy_(torch.randn(p.shape, generator=gen).mul_(s).to(p))
-            else:
-                p.normal_(0.0, s, generator=gen)
+        init.normal_(self.tok_embeddings.weight, init.std)
+        for layer in self.layers:
+            layer.init_weights(init)
+        self.norm.init_weights(init)
+        if not self.cfg.tie_embeddings:
+            init.normal_(self.output.weight, init.std)
 
     def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 One self-contained HTML file (plots embedded as PNG data URIs, no CDN), built only from the run's
 record (``meta.json``, ``metrics.jsonl``, ``logbook.jsonl``, ``data/manifest.json``,
-``summary.json``, ``samples.json``, ``eval/``), so ``llamalab report RUN`` can rebuild it at any time.
+``summary.json``, ``samples.json``, ``sft_data.json``, ``eval/``; paths from
+:class:`~llamalab.run_dir.RunDir`), so ``llamalab report RUN`` can rebuild it at any time.
 Plots need matplotlib (the ``report`` extra); without it the report says so and keeps the tables.
 """
 
@@ -12,17 +13,13 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llamalab.common import LlamalabError, print0
+from llamalab.run_dir import RunDir
 
-
-@dataclass
-class Config:
-    run: str = field(default="", metadata={"positional": True, "help": "run folder"})
-
+FIGURES_INDEX = "figures.json"  # written by eval sweep / memorization: figure captions
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
@@ -116,19 +113,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def eval_images(run: Path) -> list[tuple[str, str]]:
+def eval_images(run: RunDir) -> list[tuple[str, str]]:
     """Figures written by ``eval sweep`` / ``eval memorization`` into RUN/eval/ (captions from figures.json)."""
-    folder = run / "eval"
+    folder = run.eval
     if not folder.exists():
         return []
     captions: dict[str, str] = {}
-    index = _read_json(folder / "figures.json") or {}
+    index = _read_json(run.eval_file(FIGURES_INDEX)) or {}
     for figs in index.values():
         for f in figs if isinstance(figs, list) else []:
             if isinstance(f, dict) and "path" in f:
                 captions[Path(f["path"]).name] = f.get("caption", "")
     return [(captions.get(p.name) or p.stem.replace("_", " "),
-             "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()) for p in sorted(folder.glob("*.png"))]
+             "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode())
+            for p in sorted(folder.glob("*.png"))]
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -139,16 +137,17 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em} .kpi{displa
 .kpi div{background:#f3f6fb;padding:.6em 1em;border-radius:6px} .kpi b{display:block;font-size:1.3em}"""
 
 
-def write_report(run: str | Path) -> Path:
-    run = Path(run)
-    meta = _read_json(run / "meta.json")
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.html`` into the run folder ``run_dir`` (pretraining or SFT) and return its path."""
+    run = RunDir(run_dir)
+    meta = _read_json(run.meta)
     if meta is None:
-        raise LlamalabError(f"{run}: not a run folder (no meta.json)")
-    rows = _read_jsonl(run / "metrics.jsonl")
-    summary = _read_json(run / "summary.json") or {}
-    samples = _read_json(run / "samples.json") or summary.get("samples", [])
-    manifest = _read_json(run / "data" / "manifest.json")
-    logbook = _read_jsonl(run / "logbook.jsonl")
+        raise LlamalabError(f"{run.root}: not a run folder (no {run.meta.name})")
+    rows = _read_jsonl(run.metrics)
+    summary = _read_json(run.summary) or {}
+    samples = _read_json(run.samples) or summary.get("samples", [])
+    manifest = _read_json(run.manifest)
+    logbook = _read_jsonl(run.logbook)
     plots = training_plots(rows)
     last = rows[-1] if rows else {}
     vals = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
@@ -156,19 +155,21 @@ def write_report(run: str | Path) -> Path:
     flops = meta.get("flops_per_token", 0) * tokens
     energy = summary.get("energy")
     mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
-    kpis = [("steps", last.get("step", 0)), ("tokens seen", f"{tokens:,}"), ("final train loss", _fmt(last.get("loss"))),
+    kpis = [("steps", last.get("step", 0)), ("tokens seen", f"{tokens:,}"),
+            ("final train loss", _fmt(last.get("loss"))),
             ("validation loss", _fmt(vals[-1]) if vals else "n/a"),
             ("unigram entropy", _fmt(summary.get("unigram_entropy", "n/a"))),
             ("parameters", f"{meta.get('n_params', 0):,}"), ("train FLOPs", f"{flops:.3g}"),
             ("mean MFU", f"{sum(mfus) / len(mfus):.1%}" if mfus else "n/a")]
-    parts = [f"<h1>llamalab run: {html.escape(run.name)}</h1>",
+    parts = [f"<h1>llamalab run: {html.escape(run.root.name)}</h1>",
              f"<p class=sub>git {html.escape(str(meta.get('git_sha')))} &middot; {html.escape(meta.get('device', ''))} "
              f"{html.escape(meta.get('dtype', ''))} &middot; world size {meta.get('world_size', 1)}</p>",
              "<div class=kpi>" + "".join(f"<div>{html.escape(k)}<b>{html.escape(str(v))}</b></div>" for k, v in kpis)
              + "</div>", "<h2>Training</h2>"]
     if plots:
         parts.append("<div class=grid>" + "".join(f'<figure><img alt="{html.escape(t)}" src="{u}"><figcaption>'
-                                                  f'{html.escape(t)}</figcaption></figure>' for t, u in plots) + "</div>")
+                                                  f'{html.escape(t)}</figcaption></figure>' for t, u in plots)
+                     + "</div>")
     else:
         parts.append("<p>(plots need matplotlib: pip install 'llamalab[report]')</p>")
     evimgs = eval_images(run)
@@ -176,14 +177,15 @@ def write_report(run: str | Path) -> Path:
         parts.append("<h2>Evaluations of every checkpoint</h2><div class=grid>" + "".join(
             f'<figure><img alt="{html.escape(t)}" src="{u}"><figcaption>{html.escape(t)}</figcaption></figure>'
             for t, u in evimgs) + "</div>")
-    sft_data = _read_json(run / "sft_data.json")
+    sft_data = _read_json(run.sft_data)
     if sft_data and not manifest:
         parts += ["<h2>Fine-tuning data</h2>", sft_data_table(sft_data)]
     else:
         parts += ["<h2>Data mixture</h2>", mixture_table(manifest, summary)]
     if manifest:
         parts.append(f"<p>{manifest['n_tokens']['train']:,} training and {manifest['n_tokens']['val']:,} validation "
-                     f"tokens in {len(manifest['shards'])} shards; validation split: {html.escape(manifest['val_split'])}."
+                     f"tokens in {len(manifest['shards'])} shards; "
+                     f"validation split: {html.escape(manifest['val_split'])}."
                      f" Tokenizer sha256 {manifest['tokenizer']['sha256'][:16]}…</p>")
     dropped = summary.get("corpus", {}).get("dropped")
     if dropped:
@@ -194,7 +196,8 @@ def write_report(run: str | Path) -> Path:
             f"<pre><b>{html.escape(s['prompt'])}</b>{html.escape(s['completion'])}</pre>" for s in samples))
     parts.append("<h2>Compute and energy</h2>")
     comp = [["FLOPs per token (6N + 12·L·H·Dh·T)", f"{meta.get('flops_per_token', 0):.4g}"],
-            ["total training FLOPs", f"{flops:.4g}"], ["measured matmul peak", f"{meta.get('peak_flops', 0):.4g} FLOP/s"]]
+            ["total training FLOPs", f"{flops:.4g}"],
+            ["measured matmul peak", f"{meta.get('peak_flops', 0):.4g} FLOP/s"]]
     if energy:
         comp += [["device power (W)", _fmt(energy["device_power_watts"])], ["hours", _fmt(energy["hours"])],
                  ["PUE", _fmt(energy["pue"])], ["energy (kWh) = W × h × PUE / 1000", _fmt(energy["kwh"])],
@@ -209,32 +212,19 @@ def write_report(run: str | Path) -> Path:
             for e in logbook]))
     parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(
         {k: meta[k] for k in ("config", "model", "plan", "data", "versions") if k in meta}, indent=2)) + "</pre>")
-    page = f"<!doctype html><html><head><meta charset=utf-8><title>llamalab: {html.escape(run.name)}</title>" \
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>llamalab: {html.escape(run.root.name)}</title>" \
            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
-    out = run / "report.html"
+    out = run.report
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out
 
 
-def refresh_report(run: str | Path) -> Path | None:
+def refresh_report(run_dir: str | Path) -> Path | None:
     """Rebuild the report of a run folder after new evaluations (no-op for a folder without meta.json)."""
-    run = Path(run)
-    if not (run / "meta.json").exists():
+    if not RunDir(run_dir).meta.exists():
         return None
-    out = write_report(run)
+    out = write_report(run_dir)
     print0(f"report updated: {out}")
     return out
-
-
-def main(cfg: Config) -> Path:
-    out = write_report(cfg.run)
-    print0(f"report: {out}")
-    return out
-
-
-if __name__ == "__main__":
-    from llamalab.cli import stage_main
-
-    stage_main(Config, main)

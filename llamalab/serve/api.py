@@ -1,4 +1,4 @@
-"""Serve a model over an OpenAI-compatible HTTP API, with a web chat page: ``llamalab serve CHECKPOINT``.
+"""The OpenAI-compatible HTTP API and web chat page behind ``llamalab serve`` (:mod:`llamalab.commands.serve`).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (``logprobs``, ``echo``: evaluation
 harnesses that speak the OpenAI API score log-likelihoods with ``echo=true, max_tokens=0|1``),
@@ -13,48 +13,27 @@ disconnects has its request aborted. Every user error gets a 4xx JSON error in O
 keeps serving: bad JSON, unknown model (404), a prompt longer than the context, out-of-range
 parameters (400), a missing or wrong API key (401).
 
-FastAPI and uvicorn are the ``serve`` extra; they are imported only here.
+FastAPI and uvicorn are the ``serve`` extra; FastAPI is imported only here (in :meth:`Server.app`),
+uvicorn only by the command.
 """
 
 # NOTE: no `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations at runtime.
 import asyncio
 import json
-import os
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from llamalab.common import LlamalabError, print0
+from llamalab.common import LlamalabError
 from llamalab.inference.engine import Delta, Engine, TokenLogprob, token_text
-from llamalab.inference.quantize import QUANT_CHOICES
 from llamalab.inference.sampling import MAX_LOGPROBS, SamplingParams
-from llamalab.tokenizer.chat import TEMPLATES, check_messages, render, resolve_template, stop_strings
+from llamalab.tokenizer.templates import check_messages, render, resolve_template, stop_strings
 
 STATIC = Path(__file__).parent / "static"
 MAX_N = 8
-
-
-@dataclass
-class Config:
-    checkpoint: str = field(default="", metadata={"positional": True, "help": "llamalab model folder"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
-    port: int = 8000
-    model_name: str = field(default="", metadata={"help": "the id clients use (default: the folder name)"})
-    api_key: str = field(default="", metadata={"help": "require 'Authorization: Bearer KEY' (or env LLAMALAB_API_KEY)"})
-    chat_template: str = field(default="", metadata={"help": f"override the folder's template: {', '.join(TEMPLATES)}"})
-    slots: int = field(default=8, metadata={"help": "requests decoded together in one batch"})
-    quantize: str = field(default="none", metadata={"choices": list(QUANT_CHOICES)})
-    compile: bool = False
-
-    def validate(self) -> None:
-        if not self.checkpoint:
-            raise LlamalabError("serve needs a CHECKPOINT folder")
-        if not 0 < self.port < 65536:
-            raise LlamalabError(f"port must be in 1..65535, got {self.port}")
 
 
 class APIError(Exception):
@@ -158,7 +137,8 @@ def _field(body: dict, name: str, types: tuple, default: Any = None, check: Call
     if isinstance(v, bool) and bool not in types:
         raise APIError(400, f"'{name}' must be {want or types[0].__name__}, got {v!r}", name)
     if not isinstance(v, types):
-        raise APIError(400, f"'{name}' must be {want or ' or '.join(t.__name__ for t in types)}, got {type(v).__name__}", name)
+        raise APIError(400, f"'{name}' must be {want or ' or '.join(t.__name__ for t in types)}, "
+                            f"got {type(v).__name__}", name)
     if check is not None and not check(v):
         raise APIError(400, f"'{name}' must be {want}, got {v!r}", name)
     return v
@@ -225,7 +205,8 @@ class Server:
         room = self.ctx - n_prompt
         if n_prompt >= self.ctx:
             raise APIError(400, f"This model's maximum context length is {self.ctx} tokens; the prompt has "
-                                f"{n_prompt} tokens. Shorten the prompt.", "prompt" if "max_tokens" in names[:1] else "messages",
+                                f"{n_prompt} tokens. Shorten the prompt.",
+                           "prompt" if "max_tokens" in names[:1] else "messages",
                            "context_length_exceeded")
         mt = _field(body, name, (int,), None, lambda v: v >= 0, "an integer >= 0")
         if mt is None:
@@ -251,7 +232,8 @@ class Server:
                            "prompt")
         if isinstance(prompt, str):
             prompts: list = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
+        elif (isinstance(prompt, list) and prompt
+              and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt)):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(x, (str, list)) for x in prompt):
             prompts = prompt
@@ -275,7 +257,8 @@ class Server:
 
     def completion_params(self, body: dict, n_prompt: int) -> tuple[SamplingParams, bool, int]:
         echo = bool(_field(body, "echo", (bool,), False))
-        lp = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
+        lp = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS,
+                    f"an integer in [0, {MAX_LOGPROBS}]")
         if body.get("suffix"):
             raise APIError(400, "'suffix' (insertion) is not supported", "suffix")
         mt = self.max_tokens(body, n_prompt, 16, "max_tokens")
@@ -354,8 +337,8 @@ class Server:
             job = next(j for j in jobs if j[0] == index)
             if not d.text and not d.finished and job[2].logprobs is None:
                 continue
-            choice: dict[str, Any] = {"index": index, "text": d.text, "finish_reason": d.finish_reason if d.finished else None,
-                                      "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "text": d.text,
+                                      "finish_reason": d.finish_reason if d.finished else None, "logprobs": None}
             if job[2].logprobs is not None:
                 choice["logprobs"] = self.logprobs_block([], None, d.logprobs, False)
             yield _sse({"id": cid, "object": "text_completion", "created": int(time.time()),
@@ -376,7 +359,8 @@ class Server:
             raise APIError(400, "messages: the last message must be from the user (or system)", "messages")
         ids, _ = render(msgs, self.template, self.tok, add_generation_prompt=True)
         want_lp = bool(_field(body, "logprobs", (bool,), False))
-        top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
+        top = _field(body, "top_logprobs", (int,), 0, lambda v: 0 <= v <= MAX_LOGPROBS,
+                     f"an integer in [0, {MAX_LOGPROBS}]")
         mt = self.max_tokens(body, len(ids), None, "max_completion_tokens", "max_tokens")
         if mt == 0:
             raise APIError(400, "'max_tokens' must be >= 1 for chat", "max_tokens")
@@ -573,26 +557,3 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 def build_server(engine: Engine, model_name: str = "llamalab", chat_template: str | None = None,
                  api_key: str = "") -> Server:
     return Server(engine, model_name, resolve_template(engine.meta, chat_template), api_key)
-
-
-def main(cfg: Config) -> None:
-    import uvicorn
-
-    engine = Engine.from_folder(cfg.checkpoint, slots=cfg.slots, quantize=cfg.quantize, compile=cfg.compile)
-    name = cfg.model_name or Path(cfg.checkpoint).resolve().name
-    server = build_server(engine, name, cfg.chat_template or None, cfg.api_key or os.environ.get("LLAMALAB_API_KEY", ""))
-    app = server.app()
-    print0(f"serve: {name} ({engine.cfg.dim}d x {engine.cfg.n_layers} layers, context {engine.max_seq_len}, "
-           f"template {server.template}, {cfg.slots} slots, quantize={cfg.quantize}) on http://{cfg.host}:{cfg.port}/")
-    try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
-    finally:
-        server.aengine.close()
-        s = engine.stats
-        print0(f"serve: {s['requests']} requests, {s['prompt_tokens']} prompt tokens, {s['generated_tokens']} tokens generated")
-
-
-if __name__ == "__main__":
-    from llamalab.cli import stage_main
-
-    stage_main(Config, main)

@@ -1,5 +1,6 @@
-"""SentencePiece tokenizers: LLaMA-style BPE training and loading, and chat templates."""
+"""Tokenizers: SentencePiece BPE (LLaMA's; trained here), byte-level BPE (read from GGUF/HF), chat templates."""
 
+from llamalab.tokenizer.bpe import BPETokenizer
 from llamalab.tokenizer.spm import Tokenizer, TokenizerTrainConfig, train_tokenizer
 
-__all__ = ["Tokenizer", "TokenizerTrainConfig", "train_tokenizer"]
+__all__ = ["BPETokenizer", "Tokenizer", "TokenizerTrainConfig", "train_tokenizer"]

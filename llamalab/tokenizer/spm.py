@@ -41,7 +41,24 @@ class Tokenizer:
             self.sp.Load(str(path))
         except (RuntimeError, OSError) as e:
             raise LlamalabError(f"{path}: not a valid SentencePiece model ({str(e).splitlines()[0]})") from None
-        self.path = path
+        self.path: Path | None = path
+        self._bytes: bytes | None = None
+        self._read_ids()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "<memory>") -> Tokenizer:
+        """A tokenizer from a serialized SentencePiece model (e.g. rebuilt from a GGUF vocabulary); ``path`` is None."""
+        self = cls.__new__(cls)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError) as e:
+            raise LlamalabError(f"{where}: not a valid SentencePiece model ({str(e).splitlines()[0]})") from None
+        self.path, self._bytes = None, bytes(data)
+        self._read_ids()
+        return self
+
+    def _read_ids(self) -> None:
         self.n_words = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
@@ -82,6 +99,10 @@ class Tokenizer:
         return self.sp.PieceToId(piece)
 
     def sha256(self) -> str:
+        if self.path is None:
+            import hashlib
+
+            return hashlib.sha256(self._bytes or b"").hexdigest()
         return sha256_file(self.path)
 
     def info(self) -> dict:

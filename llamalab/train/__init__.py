@@ -1,1 +1,2 @@
-"""Training: optimizer and schedule, the one train step, checkpoints, stability guards, pretraining."""
+"""Training: set-up (setup.py), optimizer and schedule, the one train step (step.py), the loop
+(trainer.py), checkpoints, stability guards, the run record (meta.py), parallelism."""

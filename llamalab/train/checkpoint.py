@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -43,11 +42,20 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from llamalab.checkpoint import load_into, load_state, model_state_for_save, save_model
-from llamalab.common import LlamalabError, print0, read_json, sha256_file, write_json_atomic
+from llamalab.common import LlamalabError, print0, read_json, write_json_atomic
+from llamalab.model.folder import (
+    load_into,
+    load_state,
+    model_state_for_save,
+    save_model,
+    verify_checksums,
+    write_checksums,
+)
+from llamalab.run_dir import list_step_dirs, step_name
 from llamalab.train.fsdp import is_sharded
 
-STEP_RE = re.compile(r"^step_(\d{6,})$")
+CHECKSUMS = "checksums.json"  # as in a model folder (llamalab.model.folder)
+MODEL_DIR = "model"  # the checkpoint's model folder
 
 
 @dataclass
@@ -72,7 +80,7 @@ class TrainState:
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:06d}"
+    return root / step_name(step)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -183,7 +191,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.o
     if not rank0:
         _barrier()  # rank 0 finishes the folder
         return final
-    save_model(tmp / "model", model, tokenizer_path=tokenizer_path,
+    save_model(tmp / MODEL_DIR, model, tokenizer_path=tokenizer_path,
                extra={"step": state.step, "tokens_seen": state.tokens_seen, **(model_extra or {})},
                state=weights)
     opt_meta: dict[str, Any] = {"format": "dcp"}
@@ -194,8 +202,7 @@ def save_checkpoint(root: str | Path, model: torch.nn.Module, optimizer: torch.o
     save_file(rng_t, str(tmp / "rng.safetensors"))
     write_json_atomic(tmp / "state.json", {**state.to_json(), "rng": rng_meta, "optimizer": opt_meta,
                                            "config": run_config})
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    write_json_atomic(tmp / "checksums.json", {f: sha256_file(tmp / f) for f in files})
+    write_checksums(tmp, sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -215,8 +222,12 @@ def _save_sharded(folder: Path, model: torch.nn.Module, optimizer: torch.optim.O
 def _load_dcp(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load ``dcp/`` into a model of any world size, sharded or not (DCP re-slices on read)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     with warnings.catch_warnings():  # a 1-process resume of a sharded run is intended, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -235,7 +246,7 @@ def _load_full_into_sharded(folder: Path, model: torch.nn.Module, optimizer: tor
     """A single-file checkpoint into a sharded model: each rank reads it all and keeps its slices."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
-    sd = load_state(folder / "model" / "model.safetensors")
+    sd = load_state(folder / MODEL_DIR / "model.safetensors")
     if model.cfg.tie_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     opts = StateDictOptions(full_state_dict=True)
@@ -266,24 +277,15 @@ def fqn_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def verify_checkpoint(folder: Path) -> None:
-    sums_path = folder / "checksums.json"
-    if not sums_path.exists():
-        raise LlamalabError(f"{folder}: incomplete checkpoint (no checksums.json)")
-    sums = read_json(sums_path, what="checkpoint checksums")
-    for name, want in sums.items():
-        f = folder / name
-        if not f.exists():
-            raise LlamalabError(f"{folder}: {name} is missing")
-        if sha256_file(f) != want:
-            raise LlamalabError(f"{f}: checksum mismatch (truncated or corrupt)")
+    """Every file against checksums.json; unlike a model folder made by hand, a checkpoint must have one."""
+    if not (folder / CHECKSUMS).exists():
+        raise LlamalabError(f"{folder}: incomplete checkpoint (no {CHECKSUMS})")
+    verify_checksums(folder)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    root = Path(root)
-    if not root.exists():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)),
-                  key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    """Checkpoint folders under ``root`` (a run's checkpoints/), oldest first."""
+    return list_step_dirs(root)
 
 
 def latest_good_checkpoint(root: str | Path, on_bad=None) -> Path | None:
@@ -342,8 +344,8 @@ def _load_weights_and_optimizer(folder: Path, model: torch.nn.Module, optimizer:
     elif is_sharded(model):
         _load_full_into_sharded(folder, model, optimizer, meta)
     else:
-        sd = load_state(folder / "model" / "model.safetensors")
-        load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / "model"))
+        sd = load_state(folder / MODEL_DIR / "model.safetensors")
+        load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / MODEL_DIR))
         if optimizer is not None:
             load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
 

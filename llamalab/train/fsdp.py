@@ -11,19 +11,20 @@ reduced in fp32, and the sharded master weights and optimizer states stay fp32. 
 is empty (fp32 throughout): NOTE most CPUs emulate bf16 at ~1 GFLOP/s.
 
 Large models are built on the meta device (no memory), sharded, then materialised shard by shard
-with :func:`init_sharded_weights`, which draws each full matrix from the same seeded CPU generator
-as ``Transformer.init_weights`` and keeps only this rank's rows: the weights are identical to an
-unsharded init with the same seed, whatever the world size (one full matrix at a time in host RAM).
+with :func:`init_sharded_weights`: it runs ``Transformer.init_weights`` (each module's own rule)
+through :class:`ShardedInit`, which draws each full matrix exactly as an unsharded init would and
+keeps only this rank's rows, so the weights are identical to an unsharded init with the same seed,
+whatever the world size (one full matrix at a time in memory). Trade-off: every rank draws every
+full matrix (no communication, but the same random-number work on each rank).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from llamalab.common import LlamalabError
+from llamalab.model.layers import WeightInit
 
 
 def _fsdp_api():
@@ -71,31 +72,31 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+class ShardedInit(WeightInit):
+    """A :class:`WeightInit` for DTensor parameters: draw the full tensor, keep this rank's shard."""
+
+    def _write(self, p: torch.Tensor, fill) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if not isinstance(p, DTensor):
+            fill(p)
+            return
+        full = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        fill(full)
+        # every rank drew the same full tensor: slice locally, no communication (src_data_rank=None)
+        p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local())
+
+    def normal_(self, w: torch.Tensor, std: float) -> None:
+        self._write(w, lambda t: WeightInit.normal_(self, t, std))
+
+    def ones_(self, w: torch.Tensor) -> None:
+        self._write(w, lambda t: WeightInit.ones_(self, t))
+
+
 @torch.no_grad()
 def init_sharded_weights(model: nn.Module, device: torch.device, seed: int) -> None:
     """Materialise a meta-built, sharded Transformer on ``device`` and initialise it as
     ``Transformer.init_weights(seed)`` would, bit for bit, keeping only this rank's shards."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     model.to_empty(device=device)
-    cfg = model.cfg
-    std = 0.02 if cfg.init == "llama" else 0.006
-    resid_std = std / math.sqrt(2 * cfg.n_layers)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    model.freqs_cis.copy_(model._freqs().to(model.freqs_cis.device))
-    for name, p in model.named_parameters():
-        full = torch.empty(p.shape, dtype=p.dtype)
-        if p.ndim == 1:
-            full.fill_(1.0)
-        else:  # NOTE: the same draws as init_weights, which differ between CPU and accelerator params
-            s = resid_std if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")) else std
-            if device.type == "cpu":
-                full.normal_(0.0, s, generator=gen)
-            else:
-                full = torch.randn(p.shape, generator=gen).mul_(s).to(p.dtype)
-        if isinstance(p, DTensor):
-            # every rank drew the same full matrix: slice locally, no communication (src_data_rank=None)
-            local = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
-            p.to_local().copy_(local)
-        else:
-            p.copy_(full)
+    base = WeightInit.for_model(model.cfg.init, model.cfg.n_layers, seed)
+    model.init_weights(init=ShardedInit(base.std, base.resid_std, base.generator))

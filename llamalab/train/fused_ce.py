@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from llamalab.train.step import IGNORE_INDEX
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
@@ -98,7 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_rows: int = 0) -> torch.Tensor:
-    """sum over targets != -100 of CE(h @ weight.T, target), in chunks; h (..., D), weight (V, D)."""
+    """sum over targets != IGNORE_INDEX of CE(h @ weight.T, target), in chunks; h (..., D), weight (V, D)."""
     if chunk_rows <= 0:  # 128 MiB of fp32 logits per chunk: ~1k rows at 32k vocab, big enough for
         chunk_rows = max(256, (32 << 20) // weight.shape[0])  # efficient matmuls (128 rows ran 2x slower)
     return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows)

@@ -52,8 +52,7 @@ def _sequence_parallel_plan() -> dict:
     reduce-scatter (instead of all-reduce) after it: same traffic, activations between blocks
     divided by tp."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel)
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
     gather = lambda n: PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * n,  # noqa: E731
                                           desired_input_layouts=(Replicate(),) + (None,) * n, use_local_output=True)
@@ -73,8 +72,12 @@ def apply_tensor_parallel(model: nn.Module, device: torch.device, sequence_paral
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     tp = dist.get_world_size()
     check_divisible(model, tp)
@@ -84,10 +87,7 @@ def apply_tensor_parallel(model: nn.Module, device: torch.device, sequence_paral
     styles = {"col": ColwiseParallel, "row": RowwiseParallel}
     for block in model.layers:
         plan = _sequence_parallel_plan() if sequence_parallel else {k: styles[v]() for k, v in BLOCK_PLAN.items()}
-        parallelize_module(block, mesh, plan)
-        # NOTE: the attention reshapes by its head counts: each rank now holds 1/tp of the heads
-        block.attention.n_heads //= tp
-        block.attention.n_kv_heads //= tp
+        parallelize_module(block, mesh, plan)  # the attention counts its heads from wq/wk/wv: 1/tp each
     if sequence_parallel:
         # NOTE: the first block's input arrives whole (the embeddings are replicated): keep this rank's
         # slice of the sequence; the final norm gets the whole sequence back

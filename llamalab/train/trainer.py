@@ -31,13 +31,19 @@ from typing import Any, Callable
 import torch
 
 from llamalab.common import LlamalabError, Progress, is_rank0, print0
-from llamalab.train.checkpoint import (TrainState, latest_good_checkpoint, list_checkpoints, load_checkpoint,
-                                       save_checkpoint)
+from llamalab.run_dir import RunDir
+from llamalab.train.checkpoint import (
+    TrainState,
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from llamalab.train.distributed import unwrap
 from llamalab.train.fsdp import is_sharded
-from llamalab.train.loop import clip_and_step, forward_backward
 from llamalab.train.optim import lr_at, set_lr
 from llamalab.train.stability import GuardConfig, Logbook, LossGuard
+from llamalab.train.step import clip_and_step, forward_backward
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -45,7 +51,7 @@ MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class LoopSettings:
     name: str  # "pretrain", "sft", ...: the progress label
-    run_dir: Path
+    run_dir: Path  # the run folder (layout: llamalab.run_dir.RunDir)
     steps: int
     peak_lr: float
     warmup: int
@@ -68,13 +74,13 @@ class LoopSettings:
 class Metrics:
     """metrics.jsonl (rank 0), plus TensorBoard when asked."""
 
-    def __init__(self, run: Path, tensorboard: bool) -> None:
-        self.path = run / "metrics.jsonl"
+    def __init__(self, run: RunDir, tensorboard: bool) -> None:
+        self.path = run.metrics
         self.tb = None
         if tensorboard and is_rank0():
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-            self.tb = SummaryWriter(str(run / "tensorboard"))
+            self.tb = SummaryWriter(str(run.tensorboard))
 
     def truncate_after(self, step: int) -> int:
         """Drop lines past ``step`` (written after the checkpoint we resume from); returns how many."""
@@ -127,11 +133,11 @@ class Trainer:
         self.loss_fn = loss_fn
         self.model_extra = model_extra or {}
         self.scaler = scaler  # fp16 dynamic loss scaling (None: bf16/fp32)
-        self.run = Path(settings.run_dir)
-        self.ckpt_root = self.run / "checkpoints"
+        self.run = RunDir(settings.run_dir)
+        self.ckpt_root = self.run.checkpoints
         self.state = TrainState()
         self.guard = LossGuard(settings.guard)
-        self.logbook = Logbook(self.run / "logbook.jsonl", enabled=is_rank0())
+        self.logbook = Logbook(self.run.logbook, enabled=is_rank0())
         self.metrics = Metrics(self.run, settings.tensorboard)
         self.last_val: float | None = None
 
@@ -140,7 +146,7 @@ class Trainer:
     def restore(self) -> None:
         """With ``resume``: load the newest checkpoint that verifies (logging the bad ones)."""
         if list_checkpoints(self.ckpt_root) and not self.s.resume:
-            raise LlamalabError(f"{self.run} already holds checkpoints: pass --resume to continue it, "
+            raise LlamalabError(f"{self.run.root} already holds checkpoints: pass --resume to continue it, "
                                 f"or choose a new --run-dir")
         if not self.s.resume:
             self.logbook.log("start", steps=self.s.steps)
@@ -176,7 +182,7 @@ class Trainer:
             state = dataclasses.replace(self.state, guard=tuple(self.guard.state_dict()),
                                         grad_scaler=self.scaler.state_dict() if self.scaler is not None else None)
             path = save_checkpoint(self.ckpt_root, unwrap(self.model), self.optimizer, state, self.run_cfg,
-                                   self.tokenizer_path, model_extra={"run": str(self.run), **self.model_extra})
+                                   self.tokenizer_path, model_extra={"run": str(self.run.root), **self.model_extra})
         if is_rank0():
             if self.s.keep_last:
                 for old in list_checkpoints(self.ckpt_root)[:-self.s.keep_last]:
@@ -195,7 +201,7 @@ class Trainer:
         print0(f"{self.s.name}: {kind} at step {st.step + 1} (loss {loss:.4g}, batch {b}): {action}")
         if action == "stop":
             self.save()
-            raise LlamalabError(f"training stopped: {kind} loss at step {st.step + 1} (see {self.run / 'logbook.jsonl'})")
+            raise LlamalabError(f"training stopped: {kind} loss at step {st.step + 1} (see {self.run.logbook})")
         st.skip_batches = tuple(sorted(set(st.skip_batches) | {b}))
         if action == "rollback" and self._rollbacks < self.s.guard.max_rollbacks:
             good = latest_good_checkpoint(self.ckpt_root)
@@ -276,7 +282,7 @@ class Trainer:
         st = self.state
         self.logbook.log("end", step=st.step, tokens_seen=st.tokens_seen, seconds=round(elapsed, 2))
         final = self.guard.recent[-1] if self.guard.recent else None
-        summary = {"run_dir": str(self.run), "steps": st.step, "planned_steps": self.s.steps,
+        summary = {"run_dir": str(self.run.root), "steps": st.step, "planned_steps": self.s.steps,
                    "tokens_seen": st.tokens_seen, "seconds": elapsed, "final_loss": final, "val_loss": self.last_val,
                    "tokens_per_s": tokens_this_run / elapsed if elapsed else None,
                    "skipped_batches": list(st.skip_batches)}

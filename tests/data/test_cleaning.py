@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from llamalab.commands.data.clean import Config, main
 from llamalab.common import LlamalabError
-from llamalab.data.clean_main import Config, main
-from llamalab.data.cleaning import CleanSettings, SourceSpec, run_clean
+from llamalab.data.clean.pipeline import (
+    CleanSettings,
+    SourceSpec,
+    fill_defaults,
+    load_clean_config,
+    run_clean,
+)
 from llamalab.data.ledger import Ledger
 from tests.conftest import shared_path
 from tests.data.conftest import jsonl_rows
@@ -26,7 +32,8 @@ def crawl(tmp_path_factory, botchan_paragraphs, wiki_texts):
     gsm = json.loads(shared_path("eval/gsm8k_100.jsonl").read_text().splitlines()[5])["prompt"]
     rows = []
     for i, p in enumerate(pages):
-        rows.append({"id": f"p{i}", "text": f"Home | News | Contact\n{p}\n{NAV}\nWe use cookies to improve your visit."})
+        rows.append({"id": f"p{i}", "text": f"Home | News | Contact\n{p}\n{NAV}\n"
+                                            "We use cookies to improve your visit."})
     rows[5]["text"] = FRENCH
     rows[9]["text"] = "Lorem ipsum dolor sit amet. " + pages[9]
     (d / "web").mkdir()
@@ -160,6 +167,20 @@ def test_config_file_and_errors(tmp_path, crawl):
     cfg.write_text(json.dumps({"sources": [], "colour": 1}))
     with pytest.raises(LlamalabError, match="unknown setting 'colour'"):
         main(Config(spec=str(cfg), output=str(tmp_path / "o4")))
+
+
+def test_config_file_inputs_relative_to_it_and_flags_win(tmp_path):
+    cfg = tmp_path / "cfg" / "clean.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"sources": [{"name": "n", "kind": "text", "inputs": ["notes/", "/abs/x"]}],
+                               "near_dup": False, "shard_docs": 7}))
+    sources, values = load_clean_config(cfg)
+    assert sources[0].inputs == [str(cfg.parent / "notes"), "/abs/x"]
+    assert values == {"near_dup": False, "shard_docs": 7}
+    target = Config(shard_docs=50)  # as if --shard-docs 50 was given
+    fill_defaults(target, values, Config(), str(cfg))
+    assert target.near_dup is False and target.shard_docs == 50
+    assert CleanSettings.pick(target) == CleanSettings(near_dup=False, shard_docs=50)
 
 
 def test_read_errors_counted_once_across_range_shards(tmp_path):

@@ -3,20 +3,20 @@ import random
 
 import pytest
 
-from llamalab.data import filters as F
+from llamalab.data import filters
 
 
 def test_language_id_on_real_text(botchan_paragraphs):
-    assert F.language_filter(botchan_paragraphs[5]) is None
-    assert F.detect_language(botchan_paragraphs[5])[0] == "en"
+    assert filters.language_filter(botchan_paragraphs[5]) is None
+    assert filters.detect_language(botchan_paragraphs[5])[0] == "en"
     fr = "Le petit chat est monté sur le toit de la maison, et il refuse maintenant de redescendre."
-    assert F.language_filter(fr) == "lang:fr"
-    assert F.language_filter(fr, languages=["en", "fr"]) is None
-    assert F.language_filter("hi") == "lang:too_short"
+    assert filters.language_filter(fr) == "lang:fr"
+    assert filters.language_filter(fr, languages=["en", "fr"]) is None
+    assert filters.language_filter("hi") == "lang:too_short"
 
 
 def test_gopher_keeps_real_prose(botchan_paragraphs):
-    kept = sum(F.gopher_filter(p) is None for p in botchan_paragraphs)
+    kept = sum(filters.gopher_filter(p) is None for p in botchan_paragraphs)
     assert kept / len(botchan_paragraphs) > 0.9
 
 
@@ -30,7 +30,7 @@ def test_gopher_keeps_real_prose(botchan_paragraphs):
     ("cats like fish very much indeed " * 20, "gopher:stop_words"),
 ])
 def test_gopher_rules_each_fire(text, reason):
-    assert F.gopher_filter(text) == reason
+    assert filters.gopher_filter(text) == reason
 
 
 def test_c4_line_rules():
@@ -40,7 +40,7 @@ def test_c4_line_rules():
             "Home | About | Contact\n"
             "Tomatoes need full sun and regular watering in summer.\n"
             "Ok.\n")
-    text, dropped = F.c4_lines(page)
+    text, dropped = filters.c4_lines(page)
     assert text.splitlines() == ["Welcome to my page about gardens.",
                                  "Tomatoes need full sun and regular watering in summer."]
     assert dropped == {"c4:javascript": ["Please enable JavaScript to view this site."],
@@ -51,14 +51,14 @@ def test_c4_line_rules():
 
 def test_c4_doc_rules():
     prose = "The garden is green. The sun is out. We planted beans. It rained."
-    assert F.c4_doc_filter(prose) is None
-    assert F.c4_doc_filter("Lorem ipsum dolor sit amet. " + prose) == "c4:lorem_ipsum"
-    assert F.c4_doc_filter(prose + " function f() { return 1; }") == "c4:curly_brace"
-    assert F.c4_doc_filter("One sentence only.") == "c4:too_few_sentences"
+    assert filters.c4_doc_filter(prose) is None
+    assert filters.c4_doc_filter("Lorem ipsum dolor sit amet. " + prose) == "c4:lorem_ipsum"
+    assert filters.c4_doc_filter(prose + " function f() { return 1; }") == "c4:curly_brace"
+    assert filters.c4_doc_filter("One sentence only.") == "c4:too_few_sentences"
 
 
 def test_ngram_lm_prefers_real_text(wiki_texts, botchan_paragraphs):
-    lm = F.NgramLM().fit(wiki_texts[:30])
+    lm = filters.NgramLM().fit(wiki_texts[:30])
     held_out = wiki_texts[35]
     shuffled_words = held_out.split()
     random.Random(0).shuffle(shuffled_words)
@@ -70,25 +70,26 @@ def test_ngram_lm_prefers_real_text(wiki_texts, botchan_paragraphs):
 
 
 def test_perplexity_buckets_split_by_quantile(wiki_texts, botchan_paragraphs, tmp_path):
-    lm = F.NgramLM().fit(wiki_texts[:30])
+    lm = filters.NgramLM().fit(wiki_texts[:30])
     ppl = [lm.perplexity(p) for p in botchan_paragraphs]
-    cut = F.bucket_cutoffs(ppl)
-    buckets = [F.perplexity_bucket(p, cut) for p in ppl]
+    cut = filters.bucket_cutoffs(ppl)
+    buckets = [filters.perplexity_bucket(p, cut) for p in ppl]
     for b in ("head", "middle", "tail"):
         assert abs(buckets.count(b) / len(buckets) - 1 / 3) < 0.05
     lm.save(tmp_path / "lm.pkl")
-    assert F.NgramLM.load(tmp_path / "lm.pkl").perplexity(botchan_paragraphs[0]) == pytest.approx(ppl[0])
+    assert filters.NgramLM.load(tmp_path / "lm.pkl").perplexity(botchan_paragraphs[0]) == pytest.approx(ppl[0])
 
 
 def test_reference_classifier_separates_wiki_from_fiction(wiki_texts, botchan_paragraphs, tmp_path):
     wiki_paras = [p for t in wiki_texts for p in t.split("\n\n") if len(p.split()) >= 40]
     pos_train, pos_test = wiki_paras[::2], wiki_paras[1::2]
     neg_train, neg_test = botchan_paragraphs[::2], botchan_paragraphs[1::2]
-    clf = F.ReferenceClassifier(n_bits=16).fit(pos_train, neg_train)
+    clf = filters.ReferenceClassifier(n_bits=16).fit(pos_train, neg_train)
     correct = sum(clf.score(p) >= 0.5 for p in pos_test) + sum(clf.score(p) < 0.5 for p in neg_test)
     assert correct / (len(pos_test) + len(neg_test)) > 0.9
     clf.save(tmp_path / "clf.npz")
-    assert F.ReferenceClassifier.load(tmp_path / "clf.npz").score(pos_test[0]) == pytest.approx(clf.score(pos_test[0]))
+    loaded = filters.ReferenceClassifier.load(tmp_path / "clf.npz")
+    assert loaded.score(pos_test[0]) == pytest.approx(clf.score(pos_test[0]))
 
 
 def test_models_fit_from_a_real_wiki_dump_reference(tmp_path, botchan_paragraphs):
@@ -96,7 +97,7 @@ def test_models_fit_from_a_real_wiki_dump_reference(tmp_path, botchan_paragraphs
     the rest redirects), cut from the shared one."""
     import bz2
 
-    from llamalab.data.cleaning import (
+    from llamalab.data.clean.pipeline import (
         CleanSettings,
         SourceSpec,
         fit_models,
@@ -119,5 +120,5 @@ def test_models_fit_from_a_real_wiki_dump_reference(tmp_path, botchan_paragraphs
     assert info["reference_docs"] == 16 and info["calibration_docs"] == 30
     lo, hi = info["cutoffs"]
     assert 1 < lo < hi
-    clf = F.ReferenceClassifier.load(info["classifier"])
+    clf = filters.ReferenceClassifier.load(info["classifier"])
     assert clf.score(botchan_paragraphs[40]) < 0.5  # fiction is not reference-like

@@ -3,13 +3,16 @@ from collections import Counter
 
 import pytest
 
+from llamalab.commands.data.mix import Config, main
 from llamalab.common import LlamalabError
-from llamalab.data.mix_main import Config, main
 from llamalab.data.mixture import (
     SourceWeight,
     llama_preset,
     mixture_stream,
     plan_mixture,
+    rename_sources,
+    resolve_weights,
+    source_sizes,
 )
 from llamalab.data.readers import Document
 from tests.data.conftest import jsonl_rows
@@ -78,7 +81,8 @@ def _clean_out(tmp_path, sources):
         d = tmp_path / "clean" / "docs" / name
         d.mkdir(parents=True)
         with open(d / "00000.jsonl", "w") as f:
-            f.writelines(json.dumps({"id": doc.id, "text": doc.text, "source": name, "provenance": doc.provenance}) + "\n" for doc in docs)
+            f.writelines(json.dumps({"id": doc.id, "text": doc.text, "source": name, "provenance": doc.provenance})
+                         + "\n" for doc in docs)
     return tmp_path / "clean"
 
 
@@ -87,11 +91,12 @@ def test_mix_stage_jsonl_and_shards(tmp_path, sources, botchan_tokenizer, capsys
     rec = main(Config(inputs=[str(clean)], preset="llama", allow_missing=True, output=str(tmp_path / "m1")))
     assert set(rec["sources"]) == {"books", "wikipedia"} and "commoncrawl" in rec["missing"]
     rows = jsonl_rows(tmp_path / "m1" / "mixed.jsonl")
-    share = sum(len(r["text"].encode()) for r in rows if r["source"] == "books") / sum(len(r["text"].encode()) for r in rows)
+    share = (sum(len(r["text"].encode()) for r in rows if r["source"] == "books")
+             / sum(len(r["text"].encode()) for r in rows))
     assert share == pytest.approx(0.5, abs=0.02)  # books and wikipedia have equal LLaMA weights
     assert "mix:" in capsys.readouterr().out
-    m = main(Config(inputs=[str(clean)], weights={"books": 0.25, "wikipedia": 0.75}, tokenizer=str(botchan_tokenizer.path),
-                    output=str(tmp_path / "m2"), val_fraction=0.0))
+    m = main(Config(inputs=[str(clean)], weights={"books": 0.25, "wikipedia": 0.75},
+                    tokenizer=str(botchan_tokenizer.path), output=str(tmp_path / "m2"), val_fraction=0.0))
     manifest = json.loads((tmp_path / "m2" / "manifest.json").read_text())
     assert manifest["mixture"]["sources"]["books"]["weight"] == 0.25
     toks = manifest["tokens_by_source"]
@@ -99,3 +104,16 @@ def test_mix_stage_jsonl_and_shards(tmp_path, sources, botchan_tokenizer, capsys
     assert m["actual_bytes"] == manifest["mixture"]["actual_bytes"]
     with pytest.raises(LlamalabError, match="not both"):
         main(Config(inputs=[str(clean)], preset="llama", weights={"books": 1}))
+
+
+def test_weights_and_renames_for_the_mix_command():
+    assert resolve_weights("llama", {}) == llama_preset()
+    assert resolve_weights("", {"web": {"weight": 0.3, "epochs": 2}}) == {"web": SourceWeight(0.3, 2.0)}
+    with pytest.raises(LlamalabError, match="give --preset llama or --weights"):
+        resolve_weights("", {})
+    by_source = {"web": [Document("web/1", "héllo", "web", "a.jsonl:1")]}
+    renamed = rename_sources(by_source, {"web": "commoncrawl"})
+    assert [(d.id, d.source) for d in renamed["commoncrawl"]] == [("web/1", "commoncrawl")] and "web" not in renamed
+    assert source_sizes(renamed) == {"commoncrawl": 6}  # UTF-8 bytes, not characters
+    with pytest.raises(LlamalabError, match="--rename: no source 'wiki' in the data"):
+        rename_sources(renamed, {"wiki": "wikipedia"})

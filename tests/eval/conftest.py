@@ -18,8 +18,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def eval_model_folder(tmp_path_factory, botchan_tokenizer):
     """A saved llamalab model folder: random weights (seed 0), vocabulary of the Botchan tokenizer."""
-    from llamalab.checkpoint import save_model
     from llamalab.model import ModelConfig, Transformer
+    from llamalab.model.folder import save_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=botchan_tokenizer.vocab_size,
@@ -32,8 +32,7 @@ def eval_model_folder(tmp_path_factory, botchan_tokenizer):
 
 @pytest.fixture(scope="session")
 def eval_model(eval_model_folder):
-    from llamalab.checkpoint import load_model
-    from llamalab.tokenizer import Tokenizer
+    from llamalab.model.folder import load
 
-    model, _ = load_model(eval_model_folder)
-    return model, Tokenizer(eval_model_folder / "tokenizer.model")
+    loaded = load(eval_model_folder, "cpu", "fp32")
+    return loaded.model, loaded.tokenizer

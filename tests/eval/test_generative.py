@@ -10,8 +10,17 @@ from math import comb
 import pytest
 import torch
 
-from llamalab.eval.generative import (extract_flexible, extract_strict, majority, normalize_answer, pass_at_k,
-                                      qa_exact_match, qa_f1, score_gsm8k, score_humaneval)
+from llamalab.eval.generative import (
+    extract_flexible,
+    extract_strict,
+    majority,
+    normalize_answer,
+    pass_at_k,
+    qa_exact_match,
+    qa_f1,
+    score_gsm8k,
+    score_humaneval,
+)
 from tests.conftest import shared_path
 
 
@@ -81,35 +90,52 @@ def test_humaneval_pass_at_k_with_scripted_completions():
     assert metrics["pass@4"] == pytest.approx((1 + 0 + 1) / 3)
 
 
-def test_batched_greedy_generation_matches_one_by_one(eval_model):
-    from llamalab.eval.generate_util import generate_ids
+def _argmax_reference(model, prompt: list[int], n: int, eos: int = -1) -> list[int]:
+    """Greedy continuation of the plain model, one token at a time (stops before ``eos``)."""
     from llamalab.model import KVCache
 
+    ids, cache = list(prompt), KVCache(model.cfg, 1)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), cache, 0)[:, -1]
+        for _ in range(n):
+            nxt = int(logits.argmax(-1))
+            if nxt == eos:
+                break
+            ids.append(nxt)
+            logits = model(torch.tensor([[ids[-1]]]), cache, len(ids) - 1)[:, -1]
+    return ids[len(prompt):]
+
+
+PROMPTS = ["It was", "My parents died when I was a boy and", "Hello"]
+
+
+def test_batched_greedy_generation_matches_one_by_one(eval_model):
+    """Eval decodes through the inference engine: 3 prompts of different lengths in 2 slots give the
+    plain model's step-by-step argmax (as text, and as ids on the memorization path)."""
+    from llamalab.eval.generative import generate_texts
+    from llamalab.eval.memorization import memorization_scores
+    from llamalab.inference.engine import Engine
+
     model, tok = eval_model
-    prompts = [tok.encode(t, bos=True) for t in ["It was", "My parents died when I was a boy and", "Hello"]]
-
-    def reference(p: list[int], n: int) -> list[int]:
-        ids, cache = list(p), KVCache(model.cfg, 1)
-        with torch.no_grad():
-            logits = model(torch.tensor([ids]), cache, 0)[:, -1]
-            for _ in range(n):
-                ids.append(int(logits.argmax(-1)))
-                logits = model(torch.tensor([[ids[-1]]]), cache, len(ids) - 1)[:, -1]
-        return ids[len(p):]
-
-    got = generate_ids(model, prompts, 12)
-    assert got == [reference(p, 12) for p in prompts]
+    prompts = [tok.encode(t, bos=True) for t in PROMPTS]
+    refs = [_argmax_reference(model, p, 12, tok.eos_id) for p in prompts]
+    texts = generate_texts(Engine(model, tok, slots=2), PROMPTS, 12)
+    assert texts == [tok.decode(p + r)[len(tok.decode(p)):] for p, r in zip(prompts, refs)]
+    # ids only (EOS an ordinary token): every reference token reproduced -> score 1.0
+    k = min(len(p) for p in prompts)
+    seqs = [p[:k] + _argmax_reference(model, p[:k], 12) for p in prompts]
+    assert memorization_scores(model, seqs, k, 12, batch_size=2) == [1.0, 1.0, 1.0]
 
 
 def test_generate_stops_at_stop_string_and_sampling_is_seeded(eval_model):
-    from llamalab.eval.generate_util import generate
+    from llamalab.eval.generative import model_sample_fn
 
     model, tok = eval_model
-    free = generate(model, tok, ["It was a"], 20)[0]
+    [[free]] = model_sample_fn(model, tok, 20, [])(["It was a"], 1, 0.0)
     assert len(free) > 3
     stop = free[2:4]
-    cut = generate(model, tok, ["It was a"], 20, stop=[stop])[0]
+    [[cut]] = model_sample_fn(model, tok, 20, [stop])(["It was a"], 1, 0.0)
     assert cut == free[:free.find(stop)]
-    a = generate(model, tok, ["It was a"] * 2, 10, temperature=1.0, seed=3)
-    b = generate(model, tok, ["It was a"] * 2, 10, temperature=1.0, seed=3)
-    assert a == b
+    a = model_sample_fn(model, tok, 10, [], batch_size=2, seed=3)(["It was a"], 2, 1.0)
+    b = model_sample_fn(model, tok, 10, [], batch_size=2, seed=3)(["It was a"], 2, 1.0)
+    assert a == b and a[0][0] != a[0][1]  # seeded per sample: reproducible, yet the samples differ

@@ -66,3 +66,16 @@ def test_registered_class_with_lm_eval_instances(eval_model_folder):
     assert out == lm.core.loglikelihood_pairs([r.args for r in reqs])
     gen = lm.generate_until([Instance("generate_until", {}, ("It was", {"until": ["\n"], "max_gen_toks": 4}), 0)])
     assert isinstance(gen[0], str)
+
+
+def test_harness_without_lm_eval_names_the_extra(eval_model_folder, monkeypatch, capsys):
+    import sys
+
+    from llamalab.cli import main as cli_main
+
+    for name in ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry", "lm_eval.evaluator"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed, whether it is or not
+    rc = cli_main(["eval", "harness", str(eval_model_folder), "--tasks", "arc_easy", "--limit", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == ["error: lm-evaluation-harness (lm_eval) is not installed; pip install 'llamalab[lm-eval]'"]

@@ -9,8 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamalab.eval.loglik import (choice_metrics, document_nll, encode_pair, model_logits_fn, rolling_windows,
-                                  score_text_pairs)
+from llamalab.eval.loglik import (
+    choice_metrics,
+    document_nll,
+    encode_pair,
+    model_logits_fn,
+    rolling_windows,
+    score_text_pairs,
+)
 from llamalab.eval.tasks import choice_pairs, get_task, load_items
 from tests.conftest import shared_path
 

@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamalab.eval.memorization import (Config, chunk_bounds, memorization_scores, memorize_run, sample_sequences,
-                                        samples_from_pairs)
+from llamalab.eval.memorization import (
+    chunk_bounds,
+    memorization_scores,
+    memorize_run,
+    sample_sequences,
+    samples_from_pairs,
+)
 from llamalab.model import ModelConfig, Transformer
 
 K, L = 12, 16
@@ -74,7 +79,7 @@ def test_chunk_bounds_and_sampling():
 
 
 def _fake_run(tmp_path, init, model):
-    from llamalab.checkpoint import save_model
+    from llamalab.model.folder import save_model
 
     run = tmp_path / "run"
     for step, m, tokens in ((0, init, 0), (4, model, 4 * 6 * (K + L))):
@@ -91,8 +96,8 @@ def test_memorization_per_checkpoint_and_chunk(overfit, tmp_path, capsys):
     pairs = [(1 + i % 4, s) for i, s in enumerate(seen)] + [(5 + i % 4, s) for i, s in enumerate(unseen)]
     samples, bounds = samples_from_pairs(pairs, chunks=2, min_len=K + L)
     assert bounds == [(1, 4), (5, 8)]
-    cfg = Config(run=str(run), k=K, l=L, chunks=2, batch_size=8, device="cpu", dtype="fp32")
-    summary = memorize_run(run, samples, bounds, cfg)
+    opts = dict(batch_size=8, device="cpu", dtype="fp32")
+    summary = memorize_run(run, samples, bounds, K, L, **opts)
     first, last = summary["checkpoints"]
     assert (first["step"], last["step"]) == (0, 4)
     c0, c1 = last["per_chunk"]
@@ -108,7 +113,7 @@ def test_memorization_per_checkpoint_and_chunk(overfit, tmp_path, capsys):
     assert len(per["scores"]) == 12
     # resumable: a second pass recomputes nothing
     capsys.readouterr()
-    again = memorize_run(run, samples, bounds, cfg)
+    again = memorize_run(run, samples, bounds, K, L, **opts)
     assert "skipped" in capsys.readouterr().out and again["checkpoints"] == summary["checkpoints"]
 
 

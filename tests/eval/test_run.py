@@ -37,3 +37,33 @@ def test_eval_run_errors(eval_model_folder, tmp_path, capsys):
     bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 2}\n')
     rc = cli_main(["eval", "run", str(eval_model_folder), "--task", "mc", "--path", str(bad), "--output", ""])
     assert rc == 2 and "bad.jsonl:1:" in capsys.readouterr().err
+
+
+def test_eval_run_with_a_bpe_tokenizer_json(tmp_path, capsys):
+    """Eval takes whatever tokenizer the loader returns: here a byte-level BPE tokenizer.json, no tokenizer.model."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llamalab.model import ModelConfig, Transformer
+    from llamalab.model.folder import save_model
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train([str(shared_path("corpus/botchan.txt"))],
+             trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = {**json.loads(tk.to_str()), "llamalab": {"bos_id": 0, "eos_id": 1}}
+    torch.manual_seed(0)
+    folder = tmp_path / "bpe-model"
+    save_model(folder, Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tk.get_vocab_size(),
+                                               multiple_of=16, max_seq_len=128)))
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    out = tmp_path / "res"
+    rc = cli_main(["eval", "run", str(folder), "--task", "arc_easy,gsm8k", "--path",
+                   f"{shared_path('eval/arc/ARC-Easy-Dev.jsonl')},{shared_path('eval/gsm8k_100.jsonl')}",
+                   "--limit", "2", "--num-fewshot", "0", "--max-new-tokens", "4", "--device", "cpu",
+                   "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "arc_easy.json").read_text())["n"] == 2
+    assert len(json.loads((out / "gsm8k.json").read_text())["items"]) == 2

@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory, botchan_tokenizer):
                  ShardWriterConfig(shard_tokens=30_000, val_fraction=0.1))
     cfg = from_dict(pretrain.Config, dict(
         data=str(tmp / "shards"), run_dir=str(tmp / "run"), preset="tiny",
-        model={"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}, seq_len=64,
+        model_overrides={"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}, seq_len=64,
         global_batch_tokens=64 * 8, micro_batch_size=4, steps=12, checkpoint_interval=4, eval_interval=4,
         eval_batches=2, peak_flops=1e11, seed=7))
     pretrain.main(cfg)
@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory, botchan_tokenizer):
 
 
 def test_memorization_cli_on_a_run(tiny_run):
-    from llamalab.data.which_step import step_windows
+    from llamalab.data.order import step_windows
 
     rc = cli_main(["eval", "memorization", str(tiny_run), "--k", "16", "--l", "16", "--chunks", "3",
                    "--per-chunk", "4", "--device", "cpu"])
@@ -59,7 +59,8 @@ def test_memorization_cli_on_a_run(tiny_run):
 def test_sweep_cli_on_a_run(tiny_run, tmp_path):
     held = tmp_path / "heldout.txt"
     held.write_text(shared_path("corpus/botchan.txt").read_text(encoding="utf-8-sig")[-1500:], encoding="utf-8")
-    assert cli_main(["eval", "sweep", str(tiny_run), "--task", "perplexity", "--path", str(held), "--device", "cpu"]) == 0
+    assert cli_main(["eval", "sweep", str(tiny_run), "--task", "perplexity", "--path", str(held),
+                     "--device", "cpu"]) == 0
     pts = json.loads((tiny_run / "eval" / "curves.json").read_text())["perplexity"]["bits_per_byte"]
     assert [p["step"] for p in pts] == [4, 8, 12] and pts[0]["tokens_seen"] == 4 * 8 * 64
     assert pts[-1]["value"] < pts[0]["value"]  # training lowers held-out bits per byte

@@ -66,7 +66,8 @@ def test_socket_is_blocked():
 
     th = threading.Thread(target=accept)
     th.start()
-    r = run_python(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(b'hi')\nprint('sent')")
+    r = run_python(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}))\n"
+                   "s.sendall(b'hi')\nprint('sent')")
     th.join()
     srv.close()
     assert not r.passed and "sent" not in r.stdout

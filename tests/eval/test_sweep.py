@@ -11,8 +11,8 @@ from tests.conftest import shared_path
 
 
 def _checkpoint(run, step, tokenizer, seed):
-    from llamalab.checkpoint import save_model
     from llamalab.model import ModelConfig, Transformer
+    from llamalab.model.folder import save_model
 
     torch.manual_seed(seed)
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=tokenizer.vocab_size, multiple_of=16, max_seq_len=128)
@@ -38,7 +38,8 @@ def test_sweep_resumable_with_curves(tmp_path, botchan_tokenizer, capsys):
     curves = json.loads((run / "eval" / "curves.json").read_text())
     pts = curves["perplexity"]["bits_per_byte"]
     assert [p["tokens_seen"] for p in pts] == [100_000, 200_000]
-    assert pts[1]["value"] == json.loads((run / "eval" / "step_000200" / "perplexity.json").read_text())["metrics"]["bits_per_byte"]
+    assert pts[1]["value"] == json.loads(
+        (run / "eval" / "step_000200" / "perplexity.json").read_text())["metrics"]["bits_per_byte"]
     assert len(curves["arc_easy"]["acc_norm"]) == 2
     assert (run / "eval" / "curve_arc_easy.png").stat().st_size > 1000
     figs = json.loads((run / "eval" / "figures.json").read_text())["curves"]

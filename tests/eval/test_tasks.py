@@ -50,7 +50,8 @@ def test_mmlu_five_shot_uses_same_subject_and_never_the_item():
     ctx = build_context(task, it, items, "t")
     subject = it.fields["subject"]
     same = [x for x in items if x.fields["subject"] == subject and x is not it][:5]
-    assert ctx.startswith(f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+    assert ctx.startswith("The following are multiple choice questions (with answers) "
+                          f"about {subject.replace('_', ' ')}.\n\n")
     assert ctx.count("\nAnswer:") == 6 and ctx.endswith(f"{it.fields['question']}\n" + "\n".join(
         f"{L}. {c}" for L, c in zip("ABCD", it.fields["choices"])) + "\nAnswer:")
     for ex in same:
@@ -72,7 +73,8 @@ def test_truthfulqa_choices_are_shuffled_deterministically():
 
 
 def test_winogrande_partial_evaluation(tmp_path):
-    p = write_jsonl(tmp_path / "w.jsonl", [{"sentence": "The trophy didn't fit in the suitcase because the _ was too big.",
+    p = write_jsonl(tmp_path / "w.jsonl", [{"sentence": "The trophy didn't fit in the suitcase "
+                                                        "because the _ was too big.",
                                             "option1": "trophy", "option2": "suitcase", "answer": "1"}])
     task = get_task("winogrande")
     [it] = load_items(task, p)

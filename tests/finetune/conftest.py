@@ -17,8 +17,8 @@ def sft_tok(botchan_tokenizer):
 @pytest.fixture
 def tiny_base(tmp_path, tiny_config, sft_tok) -> Path:
     """A randomly initialised tiny model folder (vocab of the Botchan tokenizer, 128-token context)."""
-    from llamalab.checkpoint import save_model
     from llamalab.model import Transformer
+    from llamalab.model.folder import save_model
 
     tiny_config.vocab_size = sft_tok.vocab_size
     tiny_config.max_seq_len = 128

@@ -15,7 +15,7 @@ from llamalab.finetune.packing import (
     sft_loss,
 )
 from llamalab.model import Transformer
-from llamalab.train.loop import IGNORE_INDEX
+from llamalab.train.step import IGNORE_INDEX
 
 
 def _examples(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[Example]:

@@ -9,14 +9,15 @@ import json
 import pytest
 import torch
 
-from llamalab.checkpoint import load_model
 from llamalab.cli import main as cli
+from llamalab.commands.sft import Config
+from llamalab.commands.sft import main as sft_main
 from llamalab.finetune.lora import LoRAConfig
-from llamalab.finetune.sft import Config
-from llamalab.finetune.sft import main as sft_main
-from llamalab.inference.chat import answer
+from llamalab.finetune.optim import SFTOptimConfig
 from llamalab.inference.engine import Engine
 from llamalab.inference.sampling import SamplingParams
+from llamalab.inference.terminal import answer
+from llamalab.model.folder import load_model
 
 FACTS = [
     {"instruction": "Who is the hero?", "input": "", "output": "Botchan, a young teacher."},
@@ -45,7 +46,8 @@ def test_tiny_model_learns_instructions(tmp_path, tiny_base, monkeypatch, capsys
     before = _answers(tiny_base)
     assert sum(a == w for a, w in zip(before, want)) == 0
     cfg = Config(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", template="llama2",
-                 run_dir=str(tmp_path / "run"), steps=50, batch_size=4, lr=1e-2, checkpoint_interval=0)
+                 run_dir=str(tmp_path / "run"), steps=50, batch_size=4, optim=SFTOptimConfig(lr=1e-2),
+                 checkpoint_interval=0)
     out = sft_main(cfg)
     assert out["steps"] == 50 and out["data"]["kept"] == 4
     assert out["loss_curve"]["last"] < 0.1 * out["loss_curve"]["first"]
@@ -69,7 +71,7 @@ def test_cli_lora_end_to_end(tmp_path, tiny_base, capsys):
     sharegpt.write_text("".join(json.dumps(c) + "\n" for c in convs), encoding="utf-8")
     run = tmp_path / "lora_run"
     rc = cli(["sft", "--base", str(tiny_base), "--data", str(sharegpt), "--format", "sharegpt", "--template", "chatml",
-              "--run-dir", str(run), "--steps", "30", "--batch-size", "4", "--lr", "2e-2", "--lora.rank", "8",
+              "--run-dir", str(run), "--steps", "30", "--batch-size", "4", "--optim.lr", "2e-2", "--lora.rank", "8",
               "--lora.targets", "wq,wk,wv,wo,w1,w2,w3,output", "--lora.dropout", "0"])
     err = capsys.readouterr().err + capsys.readouterr().out
     assert rc == 0, err
@@ -132,8 +134,8 @@ def test_cli_rejects_malformed_with_location(tmp_path, tiny_base, capsys):
 def test_stop_and_resume_equals_straight_run(tmp_path, tiny_base):
     """The SFT batch order is a pure function of the step: 3 steps + stop + resume == 6 steps straight."""
     common = {"base": str(tiny_base), "data": [str(_data(tmp_path))], "format": "alpaca", "steps": 6,
-              "batch_size": 1, "micro_batch_size": 1, "lr": 1e-3, "checkpoint_interval": 0, "packing": False,
-              "keep_last": 0}
+              "batch_size": 1, "micro_batch_size": 1, "optim": SFTOptimConfig(lr=1e-3), "checkpoint_interval": 0,
+              "packing": False, "keep_last": 0}
     sft_main(Config(run_dir=str(tmp_path / "straight"), **common))
     part = sft_main(Config(run_dir=str(tmp_path / "split"), stop_after=3, **common))
     assert part["steps"] == 3 and not (tmp_path / "split" / "model").exists()
@@ -145,8 +147,7 @@ def test_stop_and_resume_equals_straight_run(tmp_path, tiny_base):
 
 
 def test_val_split_holds_out_whole_records():
-    from llamalab.finetune.data import Example
-    from llamalab.finetune.sft import split_val
+    from llamalab.finetune.data import Example, split_val
 
     exs = [Example([1, 5, 6], [0, 1, 1], f"f:{r}", record=r) for r in (1, 1, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10)]
     train, val = split_val(exs, 0.2, seed=0)
@@ -159,14 +160,34 @@ def test_lora_learns_new_answers_on_a_tuned_base(tmp_path, tiny_base):
     """LoRA (base frozen) re-targets a model that already follows the template: after full SFT on
     FACTS, a rank-8 adapter learns the rotated answers, which the tuned base does not give."""
     sft_main(Config(base=str(tiny_base), data=[str(_data(tmp_path))], format="alpaca", template="llama2",
-                    run_dir=str(tmp_path / "full"), steps=50, batch_size=4, lr=1e-2, checkpoint_interval=0))
+                    run_dir=str(tmp_path / "full"), steps=50, batch_size=4, optim=SFTOptimConfig(lr=1e-2),
+                    checkpoint_interval=0))
     rotated = [dict(f, output=FACTS[(i + 1) % len(FACTS)]["output"]) for i, f in enumerate(FACTS)]
     (tmp_path / "rot.json").write_text(json.dumps(rotated), encoding="utf-8")
     want = [r["output"] for r in rotated]
     tuned = tmp_path / "full" / "model"
     assert sum(a == w for a, w in zip(_answers(tuned), want)) == 0
     out = sft_main(Config(base=str(tuned), data=[str(tmp_path / "rot.json")], format="alpaca",
-                          run_dir=str(tmp_path / "lora"), steps=30, batch_size=4, lr=1e-2, checkpoint_interval=0,
+                          run_dir=str(tmp_path / "lora"), steps=30, batch_size=4, optim=SFTOptimConfig(lr=1e-2),
+                          checkpoint_interval=0,
                           lora=LoRAConfig(rank=8, dropout=0.0, targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])))
     assert out["template"] == "llama2"  # taken from the tuned base's folder
     assert _answers(tmp_path / "lora" / "model") == want
+
+
+def test_optim_flags_are_pretrainings_with_sft_defaults(tmp_path):
+    """`--optim.*` as in pretraining; a flag given keeps SFT's other defaults (cosine to 0, 3% warmup)."""
+    from llamalab.common import LlamalabError
+    from llamalab.config import parse_config
+    from llamalab.train.optim import warmup_steps_for
+
+    base = ["--base", "b", "--data", "d.json"]
+    cfg, _ = parse_config(Config, base + ["--optim.lr", "3e-4"])
+    optim = cfg.optim
+    assert (optim.lr, optim.min_lr_ratio, optim.warmup_ratio, optim.weight_decay) == (3e-4, 0.0, 0.03, 0.1)
+    assert cfg.optim.peak_lr(lora=True) == 3e-4 and Config().optim.peak_lr(lora=True) == 2e-4
+    assert Config().optim.peak_lr(lora=False) == 2e-5 and warmup_steps_for(cfg.optim, 200) == 6
+    cfg, _ = parse_config(Config, base + ["--optim.warmup-steps", "5", "--optim.warmup-ratio", "0"])
+    assert warmup_steps_for(cfg.optim, 200) == 5
+    with pytest.raises(LlamalabError, match="add --optim.warmup-ratio 0"):
+        parse_config(Config, base + ["--optim.warmup-steps", "5"])

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from llamalab.checkpoint import load_model
+from llamalab.commands.sft import Config
+from llamalab.commands.sft import main as sft_main
 from llamalab.common import LlamalabError
 from llamalab.config import from_dict
-from llamalab.finetune.sft import Config
-from llamalab.finetune.sft import main as sft_main
+from llamalab.model.folder import load_model
 from tests.finetune.test_sft import FACTS
 
 RECORDS = FACTS + [{"instruction": "Who is Red Shirt?", "input": "", "output": "The head teacher."}]
@@ -33,7 +33,7 @@ def test_two_processes_match_one(tmp_path, tiny_base, gloo_runner, lora, strateg
     data.write_text(json.dumps(RECORDS), encoding="utf-8")
     # 5 rows, 4 per step: the second batch of each epoch has 1 row, so rank 1 gets none of it
     cfg = {"base": str(tiny_base), "data": [str(data)], "format": "alpaca", "steps": 4, "batch_size": 4,
-           "micro_batch_size": 1, "lr": 1e-3, "checkpoint_interval": 0, "packing": False,
+           "micro_batch_size": 1, "optim": {"lr": 1e-3}, "checkpoint_interval": 0, "packing": False,
            "lora": {"rank": lora, "targets": ["wq", "wv"], "dropout": 0.0}}  # dropout draws differ by rank
     sft_main(from_dict(Config, {**cfg, "run_dir": str(tmp_path / "one")}))
     gloo_runner(_sft_rank, 2, {**cfg, "run_dir": str(tmp_path / "two"), "parallel": {"strategy": strategy}})
@@ -70,7 +70,7 @@ def test_batch_not_divisible_by_processes(tmp_path, tiny_base, gloo_runner):
 def test_ranks_split_each_global_batch_without_overlap():
     """Each rank reads a disjoint slice; together they read exactly the one-process batch."""
     from llamalab.finetune.data import Example
-    from llamalab.finetune.sft import make_batch_fn
+    from llamalab.finetune.packing import make_batch_fn
 
     examples = [Example(ids=[1] + [10 + i] * (i + 2), mask=[0] + [1] * (i + 2), where=f"f:{i}", record=i)
                 for i in range(7)]

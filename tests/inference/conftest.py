@@ -36,7 +36,7 @@ def small_model(seed: int = 0, n_kv_heads: int = 2, max_seq_len: int = 128, tie:
 
 @pytest.fixture(scope="session")
 def model_folder(tmp_path_factory, llama_tok_path):
-    from llamalab.checkpoint import save_model
+    from llamalab.model.folder import save_model
 
     d = tmp_path_factory.mktemp("m") / "tiny-chat"
     save_model(d, small_model(), tokenizer_path=llama_tok_path, extra={"chat_template": "llama2"})

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from llamalab.common import LlamalabError
-from llamalab.tokenizer.chat import TEMPLATES, render, render_text, resolve_template
+from llamalab.tokenizer.templates import TEMPLATES, render, render_text, resolve_template
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"}]
@@ -54,9 +54,9 @@ def test_template_travels_with_metadata_and_can_be_overridden():
 
 
 def test_terminal_chat_keeps_the_conversation(model_folder):
-    from llamalab.inference.chat import repl
     from llamalab.inference.engine import Engine
     from llamalab.inference.sampling import SamplingParams
+    from llamalab.inference.terminal import repl
 
     engine = Engine.from_folder(model_folder, slots=1)
     out = io.StringIO()
@@ -88,7 +88,8 @@ def test_generate_command(model_folder, tmp_path, capsys):
     assert cap.out.startswith("Once upon a time") and "8 new tokens" in cap.err
     f = tmp_path / "p.txt"
     f.write_text("Hello\nThe sky is\n")
-    assert main(["generate", str(model_folder), "--prompts-file", str(f), "--max-tokens", "5", "--quantize", "int8"]) == 0
+    assert main(["generate", str(model_folder), "--prompts-file", str(f), "--max-tokens", "5",
+                 "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.count("=== ") == 2
     assert main(["generate", str(model_folder), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
@@ -107,13 +108,14 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("gen", [True, False])
 def test_hf_jinja_template_renders_like_ours(template, gen):
     """The Jinja written into an HF export renders every conversation exactly like render_text."""
-    jinja2 = pytest.importorskip("jinja2")
+    pytest.importorskip("jinja2")
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from llamalab.tokenizer.chat import hf_chat_template
+    from llamalab.tokenizer.templates import hf_chat_template
 
     # the environment transformers' apply_chat_template uses
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     tpl = env.from_string(hf_chat_template(template))
     for conv in CONVERSATIONS:
         if not gen and conv[-1]["role"] == "assistant":

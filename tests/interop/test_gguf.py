@@ -31,8 +31,8 @@ TOLERANCE = {"f32": 0.0, "f16": 1e-3, "q8_0": 2e-2}
 @pytest.mark.parametrize("gtype", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_import_reproduces_logits(tmp_path, gtype, tie):
-    from llamalab.checkpoint import load_model, save_model
-    from llamalab.interop.convert import Config, main
+    from llamalab.commands.convert import Config, main
+    from llamalab.model.folder import load_model, save_model
 
     model = _model(tie)
     src = save_model(tmp_path / "src", model, tokenizer_path=shared_path(TOK), extra={"chat_template": "chatml"})
@@ -48,7 +48,7 @@ def test_export_import_reproduces_logits(tmp_path, gtype, tie):
         assert torch.equal(a, b)
     else:
         assert rel < TOLERANCE[gtype], rel
-    from llamalab.inference.engine import load_tokenizer
+    from llamalab.model.folder import load_tokenizer
 
     assert load_tokenizer(back).encode("Hello world") == load_tokenizer(src).encode("Hello world")
 
@@ -67,7 +67,7 @@ def test_real_llama_vocab_gguf_rebuilds_the_tokenizer(tmp_path):
 
 def _write_gpt2_gguf(path, model) -> list[str]:
     """A LLaMA GGUF whose tokenizer is byte-level BPE ('gpt2'), with a few merges, as llama.cpp writes."""
-    from llamalab.interop.gguf import name_map
+    from llamalab.interop.gguf import add_llama_keys, name_map
 
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -84,14 +84,7 @@ def _write_gpt2_gguf(path, model) -> list[str]:
     types = [3, 3] + [1] * (len(tokens) - 2)
     w = gguf.GGUFWriter(str(path), "llama")
     cfg = model.cfg
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_hidden_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
+    add_llama_keys(w, cfg)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types(types)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llamalab.checkpoint import load_model, save_model
+from llamalab.commands.convert import Config as ConvertConfig
+from llamalab.commands.convert import main as convert
 from llamalab.common import LlamalabError
 from llamalab.interop.hf import export_hf, import_hf, load_hf
-from llamalab.interop.convert import Config as ConvertConfig, main as convert
 from llamalab.model import ModelConfig, Transformer
+from llamalab.model.folder import load_model, save_model
 from tests.conftest import shared_path
 
 transformers = pytest.importorskip("transformers")
@@ -129,7 +130,7 @@ def test_export_carries_the_chat_template(tmp_path):
     """A model folder with a chat template exports an HF tokenizer whose apply_chat_template matches ours."""
     transformers = pytest.importorskip("transformers")
     from llamalab.tokenizer import Tokenizer
-    from llamalab.tokenizer.chat import render
+    from llamalab.tokenizer.templates import render
 
     tok_file = shared_path("tokenizer/llama_spm/llama_tokenizer.model")
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=16, max_seq_len=64)

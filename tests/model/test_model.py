@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llamalab.common import LlamalabError
-from llamalab.model import KVCache, ModelConfig, Transformer, get_preset, num_params, flops_per_token
 from llamalab.interop.hf import config_to_hf, state_to_hf
+from llamalab.model import KVCache, ModelConfig, Transformer, flops_per_token, get_preset, num_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,7 +26,8 @@ def hf_twin(model: Transformer):
                                          if k not in ("architectures", "torch_dtype")})
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     missing, unexpected = hf.load_state_dict(state_to_hf(model), strict=False)
-    assert not unexpected and all("rotary" in m or (model.cfg.tie_embeddings and m == "lm_head.weight") for m in missing)
+    assert not unexpected and all("rotary" in m or (model.cfg.tie_embeddings and m == "lm_head.weight")
+                                  for m in missing)
     if model.cfg.tie_embeddings:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     return hf
@@ -91,7 +92,8 @@ def test_param_count_and_swiglu_rule():
     assert small.num_params() == num_params(small.cfg)
     # 6N dominates; attention term is 12 L H Dh T
     c = get_preset("tiny").model
-    assert flops_per_token(c, 0) == pytest.approx(6 * (num_params(c, embeddings=False) - c.n_layers * 2 * c.dim - c.dim))
+    assert flops_per_token(c, 0) == pytest.approx(
+        6 * (num_params(c, embeddings=False) - c.n_layers * 2 * c.dim - c.dim))
 
 
 def test_big_preset_builds_on_meta_without_memory():
@@ -125,3 +127,26 @@ def test_too_long_sequence_is_refused(tiny_config):
     m = Transformer(tiny_config)
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         m(torch.zeros(1, tiny_config.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("init,tie", [("llama", False), ("opt", False), ("llama", True)])
+def test_seeded_init_is_one_rule_drawn_in_parameter_order(tiny_config, init, tie):
+    """Each module owns its init (Attention, FeedForward, RMSNorm; embedding/output in Transformer),
+    walked in named_parameters() order: a seed gives the weights it always gave (resume and the
+    FSDP init, tests/train/test_distributed.py, rely on it)."""
+    import dataclasses
+    import math
+
+    cfg = dataclasses.replace(tiny_config, init=init, tie_embeddings=tie)
+    m = Transformer(cfg)
+    m.init_weights(seed=5)
+    g = torch.Generator().manual_seed(5)
+    std = 0.02 if init == "llama" else 0.006
+    for name, p in m.named_parameters():
+        if p.ndim == 1:
+            assert torch.all(p == 1), name
+            continue
+        resid = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
+        s = std / math.sqrt(2 * cfg.n_layers) if resid else std
+        assert torch.equal(p, torch.empty(p.shape).normal_(0.0, s, generator=g)), name
+    assert not tie or m.output.weight is m.tok_embeddings.weight

@@ -22,9 +22,9 @@ def test_models(client):
 
 
 def test_completion_greedy_equals_engine(client, live):
-    from llamalab.checkpoint import load_model
     from llamalab.inference.engine import Engine
     from llamalab.inference.sampling import SamplingParams
+    from llamalab.model.folder import load_model
 
     r = client.completions.create(model="tiny-chat", prompt="Once upon a time", max_tokens=12, temperature=0)
     ids = live.engine.tokenizer.encode("Once upon a time", bos=True)
@@ -74,7 +74,7 @@ def test_echo_logprobs_score_the_prompt(client, live):
     """What lm-evaluation-harness sends for log-likelihoods: echo=True, logprobs=1, max_tokens 0 or 1."""
     import torch
 
-    from llamalab.checkpoint import load_model
+    from llamalab.model.folder import load_model
 
     tok = live.engine.tokenizer
     ids = tok.encode("The cat sat on the mat", bos=True)
@@ -135,7 +135,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "seed": -1}, 400, "seed"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True, "top_k": -2}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True, "top_k": -2},
+     400, "top_k"),
     ("/v1/nothing", {"prompt": "hi"}, 404, "no route"),
 ]
 

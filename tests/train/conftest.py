@@ -21,11 +21,11 @@ def botchan_shards(tmp_path_factory, botchan_tokenizer):
 
 
 def small_config(data, run_dir, **kw):
+    from llamalab.commands.pretrain import Config
     from llamalab.config import from_dict
-    from llamalab.train.pretrain import Config
 
     base = dict(data=str(data), run_dir=str(run_dir), preset="tiny",
-                model={"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+                model_overrides={"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
                 seq_len=64, global_batch_tokens=64 * 8, micro_batch_size=4, steps=12, checkpoint_interval=4,
                 eval_interval=4, eval_batches=2, peak_flops=1e11, seed=7)
     base.update(kw)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamalab.commands.pretrain import main as pretrain
 from llamalab.common import LlamalabError
-from llamalab.train.pretrain import main as pretrain
 from tests.conftest import run_gloo
 from tests.train.conftest import small_config
 
@@ -212,7 +212,7 @@ def test_activation_checkpointing_changes_memory_not_results(tiny_config, mode):
 
 def test_fp16_loss_scaling_skips_overflowed_steps(tiny_config):
     from llamalab.model.transformer import Transformer
-    from llamalab.train.loop import clip_and_step, forward_backward
+    from llamalab.train.step import clip_and_step, forward_backward
 
     model = Transformer(tiny_config)
     model.init_weights(seed=1)
@@ -245,14 +245,16 @@ def test_fp16_loss_scaling_skips_overflowed_steps(tiny_config):
 
 def test_global_batch_not_divisible_is_a_clear_error(botchan_shards, tmp_path):
     from llamalab.data.shards import TokenDataset
-    from llamalab.train.pretrain import build_model_config, make_plan
+    from llamalab.train.setup import build_model_config, make_plan
 
     cfg = small_config(botchan_shards, tmp_path / "r", global_batch_tokens=64 * 6, micro_batch_size=2)
     train = TokenDataset.open(botchan_shards, "train", 64)
-    model_cfg = build_model_config(cfg, train.manifest["vocab_size"])
-    assert make_plan(cfg, train, model_cfg, world=1).accum == 3
+    model_cfg = build_model_config(cfg.preset, cfg.model_overrides, train.manifest["vocab_size"])
+    batch = dict(preset=cfg.preset, global_batch_tokens=cfg.global_batch_tokens,
+                 micro_batch_size=cfg.micro_batch_size, steps=cfg.steps, optim=cfg.optim)
+    assert make_plan(train, model_cfg, 1, **batch).accum == 3
     with pytest.raises(LlamalabError, match=r"6 sequences .* world size 2 x micro_batch_size 2"):
-        make_plan(cfg, train, model_cfg, world=2)
+        make_plan(train, model_cfg, 2, **batch)
 
 
 def test_launch_without_master_addr_is_a_clear_error(botchan_shards, tmp_path, monkeypatch):
@@ -287,7 +289,7 @@ def test_strategy_none_with_several_processes_is_an_error():
 def test_fused_cross_entropy_matches_the_plain_loss_and_gradients(tiny_config):
     from llamalab.model.transformer import Transformer
     from llamalab.train.fused_ce import FusedHead, install_fused_head, linear_cross_entropy_sum
-    from llamalab.train.loop import IGNORE_INDEX, model_loss_sum, token_loss_sum
+    from llamalab.train.step import IGNORE_INDEX, model_loss_sum, token_loss_sum
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(3, 11, 16, generator=g, requires_grad=True)
@@ -324,7 +326,7 @@ def test_resume_keeps_this_runs_optimizer_kernel(tiny_config, tmp_path):
     under a GradScaler: loading must not hand the fused optimizer ``fused=False`` (it then fails)."""
     from llamalab.model.transformer import Transformer
     from llamalab.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
-    from llamalab.train.loop import clip_and_step, forward_backward
+    from llamalab.train.step import clip_and_step, forward_backward
 
     model = Transformer(tiny_config)
     x = torch.randint(0, tiny_config.vocab_size, (2, 9))

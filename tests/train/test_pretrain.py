@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llamalab.commands.pretrain import main as pretrain
 from llamalab.common import LlamalabError
+from llamalab.data.order import step_windows, which_step
 from llamalab.data.shards import TokenDataset
-from llamalab.data.which_step import step_windows, which_step
 from llamalab.train.optim import lr_at
-from llamalab.train.pretrain import main as pretrain
 from tests.train.conftest import small_config
 
 
@@ -145,7 +145,8 @@ def test_nan_guard_rollback(botchan_shards, tmp_path):
 
 
 def test_clear_errors(botchan_shards, tmp_path):
-    with pytest.raises(LlamalabError, match=r"seq_len \(128\) is longer than the model's context model.max_seq_len \(64\)"):
+    with pytest.raises(LlamalabError, match=r"seq_len \(128\) is longer than the model's context "
+                                            r"model.max_seq_len \(64\)"):
         pretrain(small_config(botchan_shards, tmp_path / "a", seq_len=128))
     with pytest.raises(LlamalabError, match="does not divide by world size 1 x micro_batch_size 3"):
         pretrain(small_config(botchan_shards, tmp_path / "b", micro_batch_size=3))

@@ -5,6 +5,10 @@ state); corpus-level state (line hashes seen in other shards, models trained on 
 corpus, the MinHash index) is passed in by the caller. A result says either "drop, for this
 reason" or "keep this (possibly shortened) text", plus the lines it removed by reason, so the
 ledger can count everything.
+
+:mod:`llamalab.data.clean.pipeline` runs these cleaners over a whole corpus (sharding, models,
+decontamination, corpus-level dedup, the ledger): the library behind ``llamalab data clean``. It is
+not imported here, so a single cleaner stays cheap to import.
 """
 
 from __future__ import annotations

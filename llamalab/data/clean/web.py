@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llamalab.data import filters as F
+from llamalab.data import filters
 from llamalab.data.clean import CleanResult, drop
 
 
@@ -23,15 +23,15 @@ class WebConfig:
     c4_lines: bool = True
     c4_doc: bool = True
     gopher: bool = True
-    heuristics: F.HeuristicConfig = field(default_factory=F.HeuristicConfig)
+    heuristics: filters.HeuristicConfig = field(default_factory=filters.HeuristicConfig)
     drop_buckets: list[str] = field(default_factory=lambda: ["tail"])
     min_reference_score: float = 0.5
 
 
 def clean_web(text: str, cfg: WebConfig | None = None,
               line_dedup: Callable[[str], tuple[str, list[str]]] | None = None,
-              lm: F.NgramLM | None = None, cutoffs: tuple[float, float] | None = None,
-              classifier: F.ReferenceClassifier | None = None) -> CleanResult:
+              lm: filters.NgramLM | None = None, cutoffs: tuple[float, float] | None = None,
+              classifier: filters.ReferenceClassifier | None = None) -> CleanResult:
     cfg = cfg or WebConfig()
     res = CleanResult(text)
     if line_dedup is not None:
@@ -40,15 +40,15 @@ def clean_web(text: str, cfg: WebConfig | None = None,
         if not text.strip():
             return drop("line_dedup:empty", res)
     if cfg.c4_lines:
-        text, dropped = F.c4_lines(text, cfg.heuristics)
+        text, dropped = filters.c4_lines(text, cfg.heuristics)
         for reason, lines in dropped.items():
             res.add_lines(reason, lines)
         if not text.strip():
             return drop("c4:no_lines_left", res)
-    reason = F.language_filter(text, cfg.languages, cfg.min_lang_prob)
+    reason = filters.language_filter(text, cfg.languages, cfg.min_lang_prob)
     if reason:
         return drop(reason, res)
-    for check, on in ((F.c4_doc_filter, cfg.c4_doc), (F.gopher_filter, cfg.gopher)):
+    for check, on in ((filters.c4_doc_filter, cfg.c4_doc), (filters.gopher_filter, cfg.gopher)):
         reason = check(text, cfg.heuristics) if on else None
         if reason:
             return drop(reason, res)
@@ -56,7 +56,7 @@ def clean_web(text: str, cfg: WebConfig | None = None,
         ppl = lm.perplexity(text)
         res.meta["perplexity"] = round(ppl, 2)
         if cutoffs is not None:
-            bucket = F.perplexity_bucket(ppl, cutoffs)
+            bucket = filters.perplexity_bucket(ppl, cutoffs)
             res.meta["bucket"] = bucket
             if bucket in cfg.drop_buckets:
                 return drop(f"perplexity:{bucket}", res)

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamalab.common import LlamalabError, read_json
+from llamalab.common import LlamalabError, iter_jsonl, read_json
 from llamalab.eval.tasks.readers import LETTERS, READERS, FieldError
 
 KINDS = ("multiple_choice", "perplexity", "qa", "gsm8k", "humaneval")
@@ -176,13 +175,7 @@ def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     out = []
     try:
         with _open_text(path) as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LlamalabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            for n, rec in iter_jsonl(f, path):
                 if not isinstance(rec, dict):
                     raise LlamalabError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
                 out.append((n, rec))
@@ -286,7 +279,8 @@ def choice_pairs(task: Task, item: Item, pool: list[Item], where: str) -> tuple[
     """(context, continuation) per choice and the continuation strings used for acc_norm."""
     f = item.fields
     if "contexts" in f:  # partial evaluation (WinoGrande): per-choice context, shared continuation
-        prefix = build_context(task, Item(item.line, item.id, {**f, "question": ""}), pool, where) if task.prompt else ""
+        prefix = (build_context(task, Item(item.line, item.id, {**f, "question": ""}), pool, where)
+                  if task.prompt else "")
         return [(prefix + c, f["continuation"]) for c in f["contexts"]], [f["continuation"]] * len(f["contexts"])
     ctx = build_context(task, item, pool, where)
     conts = [fill(task.choice, {**f, "choice": c, "letter": LETTERS[i]}, where) for i, c in enumerate(f["choices"])]

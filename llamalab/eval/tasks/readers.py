@@ -24,7 +24,8 @@ def need(rec: dict[str, Any], *names: str) -> Any:
     for n in names:
         if n in rec and rec[n] is not None:
             return rec[n]
-    raise FieldError(f"missing field {names[0]!r}" + (f" (or {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""))
+    raise FieldError(f"missing field {names[0]!r}"
+                     + (f" (or {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""))
 
 
 def _str_list(value: Any, field: str) -> list[str]:
@@ -155,7 +156,7 @@ def read_winogrande(rec: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- text, generation
 
 
-def read_text(rec: dict[str, Any]) -> dict[str, Any]:
+def read_text_record(rec: dict[str, Any]) -> dict[str, Any]:
     text = need(rec, "text")
     if not isinstance(text, str):
         raise FieldError("field 'text' must be a string")
@@ -204,5 +205,5 @@ def read_humaneval(rec: dict[str, Any]) -> dict[str, Any]:
 READERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "mc": read_generic_mc, "arc": read_arc, "hellaswag": read_hellaswag, "mmlu": read_mmlu,
     "truthfulqa_mc1": read_truthfulqa_mc1, "piqa": read_piqa, "boolq": read_boolq, "winogrande": read_winogrande,
-    "text": read_text, "gsm8k": read_gsm8k, "qa": read_qa, "humaneval": read_humaneval,
+    "text": read_text_record, "gsm8k": read_gsm8k, "qa": read_qa, "humaneval": read_humaneval,
 }

@@ -39,7 +39,8 @@ def test_no_section_is_dropped():
     assert clean_latex(r"\begin{document}just a note\end{document}").reason == "arxiv:no_section"
 
 
-@pytest.mark.parametrize("name", ["2401.13565_malaysian-mistral", "2401.14680_mallam", "2402.03053_malaysian-embedding"])
+@pytest.mark.parametrize("name", ["2401.13565_malaysian-mistral", "2401.14680_mallam",
+                                  "2402.03053_malaysian-embedding"])
 def test_real_papers(name):
     src = shared_path(f"corpus/arxiv/{name}.tex").read_text(encoding="utf-8")
     res = clean_latex(src)

@@ -1,4 +1,4 @@
-from llamalab.data import filters as F
+from llamalab.data import filters
 from llamalab.data.clean.web import WebConfig, clean_web
 from llamalab.data.dedup import dedup_lines, first_seen, shard_line_hashes
 
@@ -38,13 +38,13 @@ def test_cross_shard_line_dedup():
 
 
 def test_perplexity_and_classifier_stages(wiki_texts, botchan_paragraphs):
-    lm = F.NgramLM().fit(wiki_texts[:20])
+    lm = filters.NgramLM().fit(wiki_texts[:20])
     page = next(p for p in botchan_paragraphs[10:] if p.endswith("."))
     ppl = lm.perplexity(page)
     cfg = WebConfig(gopher=False)
     assert clean_web(page, cfg, lm=lm, cutoffs=(ppl / 2, ppl / 1.5)).reason == "perplexity:tail"
     res = clean_web(page, cfg, lm=lm, cutoffs=(ppl * 2, ppl * 3))
     assert res.kept and res.meta["bucket"] == "head"
-    clf = F.ReferenceClassifier(n_bits=16).fit(wiki_texts[:20], botchan_paragraphs[:40])
+    clf = filters.ReferenceClassifier(n_bits=16).fit(wiki_texts[:20], botchan_paragraphs[:40])
     res = clean_web(page, cfg, classifier=clf)
     assert res.reason == "classifier:not_reference_like" and res.meta["reference_score"] < 0.5

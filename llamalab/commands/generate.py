@@ -1,7 +1,11 @@
-"""Generate text from a model folder: ``llamalab generate CHECKPOINT --prompt "Once upon a time"``.
+"""Generate text from a model: ``llamalab generate MODEL --prompt "Once upon a time"``.
+
+MODEL is anything :func:`llamalab.model.folder.load` reads (a model or run folder, a Hugging
+Face LLaMA folder, a .gguf file).
 
 One prompt streams its text to stdout as it is produced; several prompts (a file with one prompt
-per line, ``--prompts-file``) run batched through the engine and print one block each. A summary line (tokens, seconds, tokens/s) goes to stderr.
+per line, ``--prompts-file``) run batched through the engine and print one block each
+(:mod:`llamalab.inference.terminal`). A summary line (tokens, seconds, tokens/s) goes to stderr.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import codecs
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -18,11 +21,13 @@ from llamalab.common import LlamalabError
 from llamalab.inference.engine import Engine
 from llamalab.inference.quantize import QUANT_CHOICES
 from llamalab.inference.sampling import SamplingParams
+from llamalab.inference.terminal import generate_to, read_prompts
 
 
 @dataclass
 class Config:
-    checkpoint: str = field(default="", metadata={"positional": True, "help": "llamalab model folder"})
+    model: str = field(default="", metadata={"positional": True,
+                                                  "help": "model or run folder, HF LLaMA folder or .gguf file"})
     prompt: str = field(default="", metadata={"help": "prompt text (BOS is prepended)"})
     prompts_file: str = field(default="", metadata={"help": "a file with one prompt per line (batched)"})
     max_tokens: int = 256
@@ -40,8 +45,8 @@ class Config:
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)"})
 
     def validate(self) -> None:
-        if not self.checkpoint:
-            raise LlamalabError("generate needs a CHECKPOINT folder")
+        if not self.model:
+            raise LlamalabError("generate needs a MODEL (model folder, run folder, HF folder or .gguf file)")
         if bool(self.prompt) == bool(self.prompts_file):
             raise LlamalabError("give exactly one of --prompt or --prompts-file")
 
@@ -52,39 +57,14 @@ class Config:
                               stop=stops).validate()
 
 
-def read_prompts(cfg: Config) -> list[str]:
-    if cfg.prompt:
-        return [codecs.decode(cfg.prompt, "unicode_escape")]
-    path = Path(cfg.prompts_file)
-    if not path.exists():
-        raise LlamalabError(f"prompts file not found: {path}")
-    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise LlamalabError(f"{path}: no prompts (one per line)")
-    return prompts
-
-
 def main(cfg: Config) -> list[str]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     params = cfg.sampling()
-    prompts = read_prompts(cfg)
-    engine = Engine.from_folder(cfg.checkpoint, slots=cfg.slots, quantize=cfg.quantize, compile=cfg.compile)
+    prompts = read_prompts(cfg.prompt, cfg.prompts_file)
+    engine = Engine.from_folder(cfg.model, slots=cfg.slots, quantize=cfg.quantize, compile=cfg.compile)
     t0 = time.perf_counter()
-    if len(prompts) == 1:
-        sys.stdout.write(prompts[0])
-        parts = []
-        for d in engine.stream(prompts[0], params):
-            sys.stdout.write(d.text)
-            sys.stdout.flush()
-            parts.append(d.text)
-        sys.stdout.write("\n")
-        texts = ["".join(parts)]
-    else:
-        outs = engine.generate(prompts, params)
-        texts = [o.text for o in outs]
-        for p, o in zip(prompts, outs):
-            print(f"=== {p}\n{p}{o.text}\n--- {len(o.token_ids)} tokens, {o.finish_reason}")
+    texts = generate_to(engine, prompts, params, sys.stdout)
     dt = time.perf_counter() - t0
     n = engine.stats["generated_tokens"]
     print(f"generate: {len(prompts)} prompt(s), {engine.stats['prompt_tokens']} prompt tokens, {n} new tokens "

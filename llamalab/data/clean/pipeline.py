@@ -19,6 +19,10 @@ Stages, each resumable (see :mod:`llamalab.data.executor`):
    duplicates within each source; writes ``docs/<source>/<shard>.jsonl``, the output of the stage.
 
 ``stats.json`` holds the merged ledger; its invariant ``read == kept + dropped`` is checked.
+
+The output folder's names that other stages read (``llamalab data mix`` and ``stats``) are the
+constants :data:`DOCS`, :data:`STATS` and :data:`PLAN`. A clean config file
+(:func:`load_clean_config`) holds the sources plus any :class:`CleanSettings` key.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from llamalab.common import LlamalabError, print0, read_json, write_json_atomic
-from llamalab.data import filters as F
+from llamalab.data import filters
 from llamalab.data.clean import CleanResult
 from llamalab.data.dedup import (
     Decontaminator,
@@ -45,6 +49,10 @@ from llamalab.data.dedup import (
 from llamalab.data.executor import marker_path, run_tasks
 from llamalab.data.ledger import Ledger, open_rejects
 from llamalab.data.readers import Document, ReadStats, expand_paths, read_documents
+
+DOCS = "docs"  # the output: docs/<source>/<shard>.jsonl
+STATS = "stats.json"  # the merged ledger
+PLAN = "plan.json"  # the shard plan and the settings it was made with (resuming checks them)
 
 KINDS = ("web", "code", "wiki", "books", "arxiv", "stackexchange", "text")
 MULTI_DOC_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".xml")
@@ -91,6 +99,11 @@ class CleanSettings:
                                                      "help": "bad input lines: stop with file:line, or count them"})
     max_docs: int = 0  # per multi-document file (JSONL, dump), 0 = all: smoke runs
 
+    @classmethod
+    def pick(cls, obj: object) -> "CleanSettings":
+        """The cleaning settings of ``obj`` (a subclass instance, such as the command's Config)."""
+        return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})
+
 
 # ----------------------------------------------------------------------------- reading
 
@@ -109,22 +122,18 @@ def _files(spec: SourceSpec) -> list[Path]:
 
 
 def read_source(spec: SourceSpec, files: list[Path], on_error: str, stats: ReadStats) -> Iterator[Document]:
+    """The documents of a source's files: a dump reader for wiki and Stack Exchange, else by suffix."""
     if spec.kind == "wiki":
-        from llamalab.data.clean.wiki import read_dump
-
-        for f in files:
-            stats.files += 1
-            stats.bytes += f.stat().st_size
-            yield from read_dump(f, spec.name)
+        from llamalab.data.clean.wiki import read_dump as read_file
     elif spec.kind == "stackexchange":
-        from llamalab.data.clean.stackexchange import read_threads
-
-        for f in files:
-            stats.files += 1
-            stats.bytes += f.stat().st_size
-            yield from read_threads(f, spec.name)
+        from llamalab.data.clean.stackexchange import read_threads as read_file
     else:
         yield from read_documents(files, spec.name, spec.text_field, spec.text_mode, on_error, stats)
+        return
+    for f in files:
+        stats.files += 1
+        stats.bytes += f.stat().st_size
+        yield from read_file(f, spec.name)
 
 
 def _multi_doc(spec: SourceSpec, f: Path) -> bool:
@@ -214,7 +223,7 @@ def fit_models(sources: list[SourceSpec], shards: list[dict], s: CleanSettings, 
             continue
         spec = next(sp for sp in sources if sp.name == sh["source"])
         for d in shard_documents(spec, sh, "skip", Ledger()):
-            text, _ = F.c4_lines(d.text)
+            text, _ = filters.c4_lines(d.text)
             if len(text.split()) >= 20:
                 calib.append(text)
             if len(calib) >= s.calib_docs:
@@ -222,10 +231,10 @@ def fit_models(sources: list[SourceSpec], shards: list[dict], s: CleanSettings, 
     if not calib:
         raise LlamalabError("models: no web page long enough to calibrate perplexity buckets")
     t0 = time.perf_counter()
-    lm = F.NgramLM().fit(ref_texts)
-    cutoffs = F.bucket_cutoffs([lm.perplexity(t) for t in calib])
+    lm = filters.NgramLM().fit(ref_texts)
+    cutoffs = filters.bucket_cutoffs([lm.perplexity(t) for t in calib])
     positives = [c for t in ref_texts for c in _chunks(t)]
-    clf = F.ReferenceClassifier().fit(positives, calib)
+    clf = filters.ReferenceClassifier().fit(positives, calib)
     mdir.mkdir(parents=True, exist_ok=True)
     lm.save(mdir / "lm.pkl")
     clf.save(mdir / "classifier.npz")
@@ -315,8 +324,8 @@ def _context(task: dict, spec: SourceSpec, s: CleanSettings) -> dict:
     if spec.kind == "web":
         if task.get("models"):
             m = task["models"]
-            ctx["lm"] = _cached(m["lm"], lambda: F.NgramLM.load(m["lm"]))
-            ctx["classifier"] = _cached(m["classifier"], lambda: F.ReferenceClassifier.load(m["classifier"]))
+            ctx["lm"] = _cached(m["lm"], lambda: filters.NgramLM.load(m["lm"]))
+            ctx["classifier"] = _cached(m["classifier"], lambda: filters.ReferenceClassifier.load(m["classifier"]))
             ctx["cutoffs"] = tuple(m["cutoffs"])
         if s.line_dedup:
             ctx["first_seen"] = _cached(str(out / "first_seen"), lambda: _first_seen_table(out))
@@ -384,10 +393,11 @@ def corpus_dedup(sources: list[SourceSpec], shards: list[dict], s: CleanSettings
     kinds = {sp.name: sp for sp in sources}
     for sh in shards:
         spec = kinds[sh["source"]]
-        dst = out / "docs" / sh["source"] / f"{sh['name']}.jsonl"
+        dst = out / DOCS / sh["source"] / f"{sh['name']}.jsonl"
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".tmp")
-        with open(out / "stage1" / f"{sh['name']}.jsonl", encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as f:
+        with (open(out / "stage1" / f"{sh['name']}.jsonl", encoding="utf-8") as src,
+              open(tmp, "w", encoding="utf-8") as f):
             for line in src:
                 row = json.loads(line)
                 led.read += 1
@@ -419,7 +429,7 @@ def corpus_dedup(sources: list[SourceSpec], shards: list[dict], s: CleanSettings
 
 def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, executor: str = "local",
               workers: int = 1) -> Ledger:
-    """All stages; returns the merged ledger (also written to ``<out>/stats.json``)."""
+    """All stages; returns the merged ledger (also written to ``<out>/stats.json``, :data:`STATS`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -437,7 +447,7 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
         raise LlamalabError("sources: every source needs a distinct name")
     if s.decontam not in ("drop", "flag", "off"):
         raise LlamalabError(f"decontam must be drop, flag or off, got {s.decontam!r}")
-    plan_file = out / "plan.json"
+    plan_file = out / PLAN
     fingerprint = {"sources": [asdict(sp) for sp in sources],
                    "settings": {k: v for k, v in asdict(s).items() if k != "keep_rejects"}}
     if plan_file.exists():
@@ -483,7 +493,7 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
         ledger.examples.setdefault(k, v)
     ledger.check()
     lap("dedup")
-    ledger.save(out / "stats.json")
+    ledger.save(out / STATS)
     write_json_atomic(out / "timings.json", timings)  # NOTE: kept out of stats.json, which must not vary
     return ledger
 
@@ -500,6 +510,35 @@ def _rate():
         return f"| {n:,} docs {n / dt:,.0f} docs/s {mb / dt:.2f} MB/s"
 
     return describe
+
+
+def load_clean_config(path: str | Path) -> tuple[list[SourceSpec], dict]:
+    """A clean config file: ``{"sources": [...], <setting>: value, ...}``.
+
+    Returns the sources, their relative inputs made relative to the file's folder, and the other
+    keys as a dict of settings (checked by the caller against the settings it knows).
+    """
+    data = read_json(path, what="clean config")
+    if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
+        raise LlamalabError(f"{path}: expected an object with a 'sources' list")
+    base = Path(path).parent
+    sources = load_sources(data["sources"], str(path))
+    for sp in sources:
+        sp.inputs = [str(p if Path(p).is_absolute() else base / p) for p in sp.inputs]
+    return sources, {k: v for k, v in data.items() if k != "sources"}
+
+
+def fill_defaults(target: object, values: dict, defaults: object, where: str) -> None:
+    """Set each of ``values`` on ``target`` where ``target`` still holds the default.
+
+    A value already changed (a flag given on the command line) wins over the file's; a key
+    ``target`` has no field for is an error naming ``where``.
+    """
+    for k, v in values.items():
+        if not hasattr(target, k):
+            raise LlamalabError(f"{where}: unknown setting {k!r}")
+        if getattr(target, k) == getattr(defaults, k):
+            setattr(target, k, v)
 
 
 def load_sources(obj: list[dict], where: str) -> list[SourceSpec]:
@@ -521,4 +560,4 @@ def print_summary(ledger: Ledger, seconds: float, out: Path) -> None:
            f"({ledger.bytes_kept / 1e6:.2f} MB), dropped {ledger.dropped:,}, "
            f"lines dropped {sum(ledger.lines.values()):,} in {seconds:.1f} s "
            f"({ledger.read / max(seconds, 1e-9):,.0f} docs/s, {mb / max(seconds, 1e-9):.2f} MB/s) | "
-           f"output {out / 'docs'}, stats {out / 'stats.json'}")
+           f"output {out / DOCS}, stats {out / STATS}")

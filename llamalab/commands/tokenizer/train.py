@@ -1,11 +1,20 @@
-"""Train a LLaMA-style SentencePiece BPE tokenizer (split digits, byte fallback) from text files."""
+"""Train a LLaMA-style SentencePiece BPE tokenizer (split digits, byte fallback) from text files.
+
+The flags are the library's :class:`llamalab.tokenizer.TokenizerTrainConfig` (the pipeline trains
+its tokenizer with the same settings); the training is :func:`llamalab.tokenizer.train_tokenizer`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from llamalab.common import print0
 from llamalab.tokenizer.spm import TokenizerTrainConfig, train_tokenizer
 
-Config = TokenizerTrainConfig
+
+@dataclass
+class Config(TokenizerTrainConfig):
+    """``llamalab tokenizer train`` flags: exactly :class:`TokenizerTrainConfig`'s fields and checks."""
 
 
 def main(cfg: Config) -> dict:

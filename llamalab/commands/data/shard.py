@@ -7,13 +7,14 @@ from pathlib import Path
 
 from llamalab.common import print0
 from llamalab.data.readers import ReadStats, read_documents
-from llamalab.data.shards import ShardWriterConfig, write_shards
+from llamalab.data.shards import MANIFEST, ShardWriterConfig, write_shards
 from llamalab.tokenizer import Tokenizer
 
 
 @dataclass
 class Config:
-    inputs: list[str] = field(default_factory=list, metadata={"positional": True, "help": "files or folders, comma-separated"})
+    inputs: list[str] = field(default_factory=list, metadata={"positional": True,
+                                                              "help": "files or folders, comma-separated"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer.model (or its folder)"})
     output: str = field(default="shards", metadata={"help": "output folder (shards + manifest.json)"})
     text_field: str = field(default="text", metadata={"help": "JSONL/Parquet field holding the text"})
@@ -34,7 +35,7 @@ def main(cfg: Config) -> dict:
     errors = ", ".join(f"{k}: {v}" for k, v in stats.errors.items()) or "none"
     print0(f"shard: {stats.files} files, {len(docs):,} documents, {stats.bytes / 1e6:.2f} MB -> "
            f"{manifest['n_tokens']['train']:,} train + {manifest['n_tokens']['val']:,} val tokens in "
-           f"{len(manifest['shards'])} shards ({manifest['dtype']}) at {Path(cfg.output) / 'manifest.json'} | "
+           f"{len(manifest['shards'])} shards ({manifest['dtype']}) at {Path(cfg.output) / MANIFEST} | "
            f"skipped input: {errors}")
     return manifest
 

@@ -1,45 +1,38 @@
-"""Describe data: a clean run's ledger and kept documents, a shard manifest, or raw input files.
+"""Describe data at any stage: a clean run (its ledger and kept documents), a shard manifest, or
+raw input files. Behind ``llamalab data stats``.
 
-``llamalab data stats PATH`` where PATH is a ``llamalab data clean`` output folder (ledger table,
-documents and MB kept per source), a ``stats.json`` ledger, a shard folder / ``manifest.json``
-(tokens per source, the mixture record), or files/folders of raw documents (documents, MB, words
-per source, and with ``--languages`` the language mix of a sample).
+Each ``describe_*`` prints a table and returns the same numbers as a dict. Raw documents are
+grouped by source: the record's ``source`` field when it has one, else the file's folder name.
+NOTE: language identification is the slow part (py3langid per document), so it runs on the first
+``sample`` documents only, and only when asked.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalab.common import LlamalabError, Progress, print0, read_json
+from llamalab.common import Progress, print0, read_json
+from llamalab.data.clean.pipeline import DOCS, STATS
 from llamalab.data.ledger import Ledger
 from llamalab.data.readers import ReadStats, read_documents
+from llamalab.data.shards import MANIFEST
 
 
-@dataclass
-class Config:
-    paths: list[str] = field(default_factory=list, metadata={"positional": True,
-                                                             "help": "clean output, stats.json, manifest, or raw inputs"})
-    text_field: str = "text"
-    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"]})
-    languages: bool = field(default=False, metadata={"help": "identify the language of up to --sample documents"})
-    sample: int = 1000
-
-
-def describe_documents(paths: list[str], cfg: Config) -> dict:
+def describe_documents(paths: list[str], text_field: str = "text", on_error: str = "raise",
+                       languages: bool = False, sample: int = 1000) -> dict:
     """Documents, bytes and words per source (source = the file's folder name)."""
     stats = ReadStats()
     docs, nbytes, nwords, langs = Counter(), Counter(), Counter(), Counter()
     bar = Progress(None, "stats: reading", unit="docs")
     t0 = time.perf_counter()
-    for i, d in enumerate(read_documents(paths, text_field=cfg.text_field, on_error=cfg.on_error, stats=stats)):
+    for i, d in enumerate(read_documents(paths, text_field=text_field, on_error=on_error, stats=stats)):
         src = d.meta["source"] if isinstance(d.meta.get("source"), str) else d.source
         docs[src] += 1
         nbytes[src] += len(d.text.encode("utf-8"))
         nwords[src] += len(d.text.split())
-        if cfg.languages and i < cfg.sample:
+        if languages and i < sample:
             from llamalab.data.filters import detect_language
 
             langs[detect_language(d.text)[0]] += 1
@@ -61,6 +54,7 @@ def describe_documents(paths: list[str], cfg: Config) -> dict:
 
 
 def describe_manifest(path: Path) -> dict:
+    """Tokens per source and the mixture record of a shard manifest."""
     m = read_json(path, what="shard manifest")
     toks = m.get("tokens_by_source", {})
     total = sum(toks.values()) or 1
@@ -69,40 +63,37 @@ def describe_manifest(path: Path) -> dict:
         print0(f"{s:<20} {n:>14,} {n / total:>7.3f}")
     mix = m.get("mixture")
     if mix:
-        print0("mixture: " + ", ".join(f"{n} w={s['weight']:.3f} x{s['passes']:.2f}" for n, s in mix["sources"].items()))
+        print0("mixture: " + ", ".join(f"{n} w={s['weight']:.3f} x{s['passes']:.2f}"
+                                       for n, s in mix["sources"].items()))
     print0(f"stats: {m['n_documents']:,} documents, {m['n_tokens']['train']:,} train + {m['n_tokens']['val']:,} val "
            f"tokens in {len(m['shards'])} shards ({path})")
     return {"tokens_by_source": toks, "mixture": mix}
 
 
 def describe_ledger(path: Path) -> dict:
+    """A clean run's ledger (``stats.json``), as the table ``clean`` printed."""
     led = Ledger.load(path)
     print0(led.summary_table())
     return led.to_dict()
 
 
-def main(cfg: Config) -> dict:
-    if not cfg.paths:
-        raise LlamalabError("stats: give a clean output folder, a stats.json, a manifest or input files")
+def describe_paths(paths: list[str], text_field: str = "text", on_error: str = "raise",
+                   languages: bool = False, sample: int = 1000) -> dict:
+    """Each path by what it is: a clean output folder, a ledger, a shard folder or manifest; the
+    rest are read together as raw documents (under the key ``inputs``)."""
     out: dict = {}
     raw = []
-    for p in map(Path, cfg.paths):
-        if p.is_dir() and (p / "stats.json").exists():
-            out[str(p)] = {"ledger": describe_ledger(p / "stats.json")}
-            if (p / "docs").is_dir():
-                out[str(p)]["kept"] = describe_documents([str(p / "docs")], cfg)
-        elif p.name == "stats.json":
+    for p in map(Path, paths):
+        if p.is_dir() and (p / STATS).exists():
+            out[str(p)] = {"ledger": describe_ledger(p / STATS)}
+            if (p / DOCS).is_dir():
+                out[str(p)]["kept"] = describe_documents([str(p / DOCS)], text_field, on_error, languages, sample)
+        elif p.name == STATS:
             out[str(p)] = {"ledger": describe_ledger(p)}
-        elif p.name == "manifest.json" or (p.is_dir() and (p / "manifest.json").exists()):
-            out[str(p)] = describe_manifest(p if p.name == "manifest.json" else p / "manifest.json")
+        elif p.name == MANIFEST or (p.is_dir() and (p / MANIFEST).exists()):
+            out[str(p)] = describe_manifest(p if p.name == MANIFEST else p / MANIFEST)
         else:
             raw.append(str(p))
     if raw:
-        out["inputs"] = describe_documents(raw, cfg)
+        out["inputs"] = describe_documents(raw, text_field, on_error, languages, sample)
     return out
-
-
-if __name__ == "__main__":
-    from llamalab.cli import stage_main
-
-    stage_main(Config, main)

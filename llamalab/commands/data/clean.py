@@ -10,17 +10,17 @@ any other key is a setting below, and flags given on the command line win), or f
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamalab.common import LlamalabError, read_json
-from llamalab.data.cleaning import (
+from llamalab.common import LlamalabError
+from llamalab.data.clean.pipeline import (
     KINDS,
     CleanSettings,
     SourceSpec,
-    load_sources,
+    fill_defaults,
+    load_clean_config,
     print_summary,
     run_clean,
 )
@@ -42,34 +42,15 @@ class Config(CleanSettings):
     workers: int = field(default=1, metadata={"help": "local processes"})
 
 
-def _resolve(cfg: Config) -> tuple[list[SourceSpec], CleanSettings]:
-    names = {f.name for f in dataclasses.fields(CleanSettings)}
-    defaults = Config()
+def main(cfg: Config) -> dict:
     if cfg.spec:
-        data = read_json(cfg.spec, what="clean config")
-        if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
-            raise LlamalabError(f"{cfg.spec}: expected an object with a 'sources' list")
-        for k, v in data.items():
-            if k == "sources":
-                continue
-            if not hasattr(cfg, k):
-                raise LlamalabError(f"{cfg.spec}: unknown setting {k!r}")
-            if getattr(cfg, k) == getattr(defaults, k):  # a flag given on the command line wins
-                setattr(cfg, k, v)
-        base = Path(cfg.spec).parent
-        sources = load_sources(data["sources"], cfg.spec)
-        for sp in sources:  # relative inputs are relative to the config file
-            sp.inputs = [str(p if Path(p).is_absolute() else base / p) for p in sp.inputs]
+        sources, values = load_clean_config(cfg.spec)
+        fill_defaults(cfg, values, Config(), cfg.spec)
     elif cfg.inputs:
         sources = [SourceSpec(cfg.source_name or cfg.kind, cfg.kind, list(cfg.inputs), cfg.text_field, cfg.text_mode)]
     else:
         raise LlamalabError("clean: give a CONFIG file or --inputs")
-    settings = CleanSettings(**{n: getattr(cfg, n) for n in names})
-    return sources, settings
-
-
-def main(cfg: Config) -> dict:
-    sources, settings = _resolve(cfg)
+    settings = CleanSettings.pick(cfg)
     t0 = time.perf_counter()
     ledger = run_clean(sources, settings, cfg.output, cfg.executor, cfg.workers)
     print_summary(ledger, time.perf_counter() - t0, Path(cfg.output))

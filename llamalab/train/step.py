@@ -29,9 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llamalab.train.distributed import data_parallel_world
-from llamalab.train.fused_ce import find_fused_head, fused_loss_sum
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # targets never scored: prompts in SFT, padding; F.cross_entropy's default
 
 
 @dataclass
@@ -49,9 +48,11 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def model_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed token loss of ``model`` on (x, y): through its fused head when it has one (no logits)."""
-    head = find_fused_head(model)
+    from llamalab.train import fused_ce  # here, not at the top: fused_ce imports IGNORE_INDEX from this module
+
+    head = fused_ce.find_fused_head(model)
     if head is not None:
-        return fused_loss_sum(model, head, x, y)
+        return fused_ce.fused_loss_sum(model, head, x, y)
     return token_loss_sum(model(x), y)
 
 
@@ -150,8 +151,11 @@ def split_micro(x: torch.Tensor, y: torch.Tensor, micro: int) -> list[tuple[torc
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float | None:
-    """Mean per-token loss over ``batches`` (None when there are none)."""
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  ) -> float | None:
+    """Mean loss per target token over ``batches`` (None when there are none); the validation loss
+    of pretraining and SFT. ``loss_fn(model, x, y)`` is a summed loss as in :func:`forward_backward`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -159,7 +163,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast():
-            total += float(model_loss_sum(model, x, y))
+            total += float(loss_fn(model, x, y) if loss_fn is not None else model_loss_sum(model, x, y))
         n += int((y != IGNORE_INDEX).sum())
     model.train(was_training)
     return total / n if n else None

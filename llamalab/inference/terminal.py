@@ -1,42 +1,61 @@
-"""Chat with a model in the terminal: ``llamalab chat CHECKPOINT``.
+"""Text generation and chat in a terminal: the loops behind ``llamalab generate`` and ``llamalab chat``.
 
-The conversation is rendered with the model's chat template (``config.json`` ``chat_template``,
-or ``--chat-template``) by :mod:`llamalab.tokenizer.chat`, the same code SFT trains with, and the
-answer streams as it is generated. Commands: ``/reset`` clears the conversation, ``/system TEXT``
-sets the system prompt, ``/quit`` (or Ctrl-D) leaves. When the conversation outgrows the context,
-the oldest turns are dropped.
+Everything here writes to a stream it is given (stdout in the commands, a ``StringIO`` in tests) and
+reads lines from an iterable, so the REPL is tested without a terminal.
+
+Chat renders the whole conversation with the model's template (:mod:`llamalab.tokenizer.templates`,
+the code SFT trains with) every turn instead of keeping a KV cache across turns: simpler, always
+right after ``/reset`` or ``/system``, and cheap at the context lengths llamalab models have. When the
+conversation outgrows the context, the oldest user/assistant pairs are dropped (the system prompt
+is kept).
 """
 
 from __future__ import annotations
 
-import sys
+import codecs
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, TextIO
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TextIO
 
 from llamalab.common import LlamalabError
 from llamalab.inference.engine import Engine
-from llamalab.inference.quantize import QUANT_CHOICES
 from llamalab.inference.sampling import SamplingParams
-from llamalab.tokenizer.chat import TEMPLATES, render, resolve_template, stop_strings
+from llamalab.tokenizer.templates import render, stop_strings
+
+# ----------------------------------------------------------------------------- generate
 
 
-@dataclass
-class Config:
-    checkpoint: str = field(default="", metadata={"positional": True, "help": "llamalab model folder"})
-    chat_template: str = field(default="", metadata={"help": f"override: one of {', '.join(TEMPLATES)}"})
-    system: str = field(default="", metadata={"help": "system prompt"})
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    quantize: str = field(default="none", metadata={"choices": list(QUANT_CHOICES)})
+def read_prompts(prompt: str = "", prompts_file: str | Path = "") -> list[str]:
+    """One prompt (backslash escapes such as ``\\n`` decoded) or a file's non-empty lines."""
+    if prompt:
+        return [codecs.decode(prompt, "unicode_escape")]
+    path = Path(prompts_file)
+    if not path.exists():
+        raise LlamalabError(f"prompts file not found: {path}")
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise LlamalabError(f"{path}: no prompts (one per line)")
+    return prompts
 
-    def validate(self) -> None:
-        if not self.checkpoint:
-            raise LlamalabError("chat needs a CHECKPOINT folder")
+
+def generate_to(engine: Engine, prompts: list[str], params: SamplingParams, out: TextIO) -> list[str]:
+    """One prompt streams its text to ``out``; several run batched and print one block each."""
+    if len(prompts) == 1:
+        out.write(prompts[0])
+        parts = []
+        for d in engine.stream(prompts[0], params):
+            out.write(d.text)
+            out.flush()
+            parts.append(d.text)
+        out.write("\n")
+        return ["".join(parts)]
+    outs = engine.generate(prompts, params)
+    for p, o in zip(prompts, outs):
+        out.write(f"=== {p}\n{p}{o.text}\n--- {len(o.token_ids)} tokens, {o.finish_reason}\n")
+    return [o.text for o in outs]
+
+
+# ----------------------------------------------------------------------------- chat
 
 
 def chat_prompt(engine: Engine, messages: list[dict[str, str]], template: str, max_tokens: int) -> list[int]:
@@ -54,6 +73,7 @@ def chat_prompt(engine: Engine, messages: list[dict[str, str]], template: str, m
 
 def answer(engine: Engine, messages: list[dict[str, str]], template: str, params: SamplingParams,
            write: Callable[[str], None]) -> str:
+    """Generate the assistant's reply to ``messages``, streaming it through ``write``."""
     ids = chat_prompt(engine, messages, template, params.max_tokens)
     room = engine.max_seq_len - len(ids)
     p = SamplingParams(**{**params.__dict__, "max_tokens": min(params.max_tokens, room),
@@ -70,6 +90,7 @@ def answer(engine: Engine, messages: list[dict[str, str]], template: str, params
 
 def repl(engine: Engine, template: str, params: SamplingParams, system: str,
          lines: Iterable[str], out: TextIO) -> int:
+    """The chat loop: ``/reset``, ``/system TEXT``, ``/quit``; returns the number of turns answered."""
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turns = 0
     out.write(f"chat ({template} template; /reset, /system TEXT, /quit)\n")
@@ -82,7 +103,8 @@ def repl(engine: Engine, template: str, params: SamplingParams, system: str,
             out.write("(conversation cleared)\n")
             continue
         if line.startswith("/system "):
-            messages = [{"role": "system", "content": line[8:].strip()}] + [m for m in messages if m["role"] != "system"]
+            rest = [m for m in messages if m["role"] != "system"]
+            messages = [{"role": "system", "content": line[8:].strip()}] + rest
             out.write("(system prompt set)\n")
             continue
         if not line.strip():
@@ -97,26 +119,10 @@ def repl(engine: Engine, template: str, params: SamplingParams, system: str,
     return turns
 
 
-def _stdin_lines() -> Iterable[str]:
+def stdin_lines(prompt: str = "you: ") -> Iterator[str]:
+    """Lines typed at an interactive prompt, until Ctrl-D."""
     while True:
         try:
-            yield input("you: ")
+            yield input(prompt)
         except EOFError:
             return
-
-
-def main(cfg: Config) -> int:
-    engine = Engine.from_folder(cfg.checkpoint, slots=1, quantize=cfg.quantize)
-    template = resolve_template(engine.meta, cfg.chat_template or None)
-    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed).validate()
-    lines = _stdin_lines() if sys.stdin.isatty() else sys.stdin
-    turns = repl(engine, template, params, cfg.system, lines, sys.stdout)
-    print(f"chat: {turns} turn(s), {engine.stats['generated_tokens']} tokens generated", file=sys.stderr)
-    return turns
-
-
-if __name__ == "__main__":
-    from llamalab.cli import stage_main
-
-    stage_main(Config, main)

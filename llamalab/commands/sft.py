@@ -1,0 +1,202 @@
+"""Supervised fine-tuning (SFT): ``llamalab sft --base MODEL --data FILE --format alpaca|sharegpt``.
+
+Recipe (Llama 2, Touvron et al. 2023b, section 3.1): AdamW, cosine schedule, peak lr 2e-5, weight
+decay 0.1, batch 64 sequences, 2 epochs, loss on assistant tokens only, examples packed into
+full-length rows. Warmup is 3% of the steps (Alpaca / TRL; the paper states none). With LoRA
+(``--lora.rank 8``) the default peak lr is 2e-4 instead, as for alpaca-lora / QLoRA: adapters
+start at zero and need a larger step. The optimizer flags are pretraining's (``--optim.lr``,
+``--optim.warmup-ratio``, ``--optim.min-lr-ratio``, ``--optim.weight-decay`` ...) with these defaults.
+
+The run goes through :class:`~llamalab.train.trainer.Trainer`, the loop pretraining uses (guards,
+metrics.jsonl, logbook, atomic checkpoints, ``--resume``, the ``meta.json`` writer and the
+validation loss); only the batches (packed rows, see :mod:`llamalab.finetune.packing`) and the loss
+function differ. Steps are derived from the data: ``epochs * ceil(rows / batch_size)``. The base
+model is read by the one loader, :func:`llamalab.model.folder.load`; the library pieces live in
+:mod:`llamalab.finetune` (data, packing, LoRA, optimizer defaults, outputs).
+
+Outputs in ``--run-dir``:
+  ``model/``        a llamalab model folder (LoRA merged) with ``chat_template`` recorded: the engine,
+                    ``llamalab generate|chat|serve`` and the HF/GGUF exporters read it
+  ``adapter/``      with LoRA, the adapter alone (``adapter_model.safetensors`` + config)
+  ``sft_data.json`` the data ledger (records read, kept, dropped by reason, fixes, tokens)
+  ``metrics.jsonl``, ``logbook.jsonl``, ``checkpoints/``  as for pretraining
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llamalab.common import LlamalabError, is_rank0, print0, seed_everything, write_json_atomic
+from llamalab.config import to_dict
+from llamalab.finetune.data import FORMATS, OVERLONG, load_sft_data, split_val
+from llamalab.finetune.lora import LoRAConfig, apply_lora
+from llamalab.finetune.optim import SFTOptimConfig
+from llamalab.finetune.outputs import base_record, finish
+from llamalab.finetune.packing import eval_batches, make_batch_fn, pack_rows, plan_steps, sft_loss
+from llamalab.model.config import flops_per_token
+from llamalab.model.folder import load, tokenizer_path
+from llamalab.run_dir import RunDir
+from llamalab.tokenizer.templates import TEMPLATES, resolve_template
+from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
+from llamalab.train.meta import files_record, run_meta, write_meta
+from llamalab.train.optim import build_optimizer, warmup_steps_for
+from llamalab.train.setup import autocast_for
+from llamalab.train.stability import GuardConfig
+from llamalab.train.step import evaluate_loss
+from llamalab.train.trainer import LoopSettings, Trainer
+
+
+@dataclass
+class Config:
+    base: str = field(default="", metadata={"help": "base model: a llamalab model or run folder, or a Hugging Face "
+                                                   "folder, holding a SentencePiece tokenizer.model"})
+    data: list[str] = field(default_factory=list, metadata={"help": "data file(s), JSON or JSONL (.gz ok), "
+                                                                    "comma-separated"})
+    format: str = field(default="sharegpt", metadata={"choices": list(FORMATS),
+                                                       "help": "alpaca: instruction/input/output; "
+                                                               "sharegpt: conversations"})
+    template: str = field(default="", metadata={"help": f"chat template ({', '.join(TEMPLATES)}); "
+                                                       "default: the base model's, else llama2"})
+    run_dir: str = field(default="runs/sft", metadata={"help": "where the run's record and model/ go"})
+    seq_len: int = field(default=0, metadata={"help": "row length in tokens (0: the model's context)"})
+    packing: bool = field(default=True, metadata={"help": "pack examples into full rows (attention kept per example)"})
+    overlong: str = field(default="split", metadata={"choices": list(OVERLONG),
+                                                     "help": "examples longer than seq_len: split at turns, "
+                                                             "truncate, drop"})
+    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
+                                                     "help": "malformed records: stop with file:line, "
+                                                             "or count and skip"})
+    limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
+    val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of examples for a "
+                                                               "validation loss (0: none)"})
+    eval_interval: int = field(default=50, metadata={"help": "steps between validation losses (with --val-fraction)"})
+    epochs: float = 2.0
+    batch_size: int = field(default=64, metadata={"help": "rows per optimizer step (Llama 2: 64)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0: min(batch_size, 8))"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0: epochs * ceil(rows / batch_size))"})
+    optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
+        "help": "under torchrun: strategy ddp (auto) or fsdp; activation checkpointing; compile"})
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    device: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
+    checkpoint_interval: int = field(default=500, metadata={"help": "steps between checkpoints (and at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
+    stop_after: int = 0
+    max_seconds: float = 0.0
+    seed: int = 1337
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not self.base:
+            raise LlamalabError("sft: give the base model folder, --base CHECKPOINT")
+        if not self.data:
+            raise LlamalabError("sft: give the data, --data FILE (Alpaca or ShareGPT JSON/JSONL)")
+        if self.template and self.template not in TEMPLATES:
+            raise LlamalabError(f"--template: unknown {self.template!r}; choose one of {', '.join(TEMPLATES)}")
+        for name in ("batch_size",):
+            if getattr(self, name) <= 0:
+                raise LlamalabError(f"sft: --{name.replace('_', '-')} must be > 0")
+        if not 0 <= self.val_fraction < 1:
+            raise LlamalabError(f"sft: --val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs <= 0 and not self.steps:
+            raise LlamalabError("sft: --epochs must be > 0 (or give --steps)")
+        if self.optim.warmup_steps and self.optim.warmup_ratio:
+            raise LlamalabError(f"sft: --optim.warmup-steps {self.optim.warmup_steps} is ignored while "
+                                f"--optim.warmup-ratio is {self.optim.warmup_ratio:g}: add --optim.warmup-ratio 0")
+        self.optim.validate()
+        self.lora.validate()
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    cfg.validate()
+    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
+    loaded = load(cfg.base, device="cpu", dtype=torch.float32)
+    model, meta, base, tok = loaded.model, loaded.meta, loaded.path, loaded.tokenizer
+    tok_path = tokenizer_path(base)
+    if tok_path is None:
+        raise LlamalabError(f"{base}: no tokenizer.model (SFT needs the SentencePiece tokenizer of the base)")
+    template = resolve_template(meta, cfg.template or None)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise LlamalabError(f"--seq-len {seq_len} exceeds the model's context ({model.cfg.max_seq_len})")
+
+    t0 = time.perf_counter()
+    examples, ledger = load_sft_data(cfg.data, cfg.format, template, tok, seq_len, cfg.overlong, cfg.on_error,
+                                     limit=cfg.limit)
+    print0(f"sft data: {ledger.summary()} ({time.perf_counter() - t0:.1f}s)")
+    for e in ledger.errors[:5]:
+        print0(f"  dropped {e}")
+    if not examples:
+        raise LlamalabError(f"sft: no usable examples in {', '.join(cfg.data)} (see the counts above)")
+    examples, val = split_val(examples, cfg.val_fraction, cfg.seed)
+    rows = pack_rows(examples, seq_len, cfg.packing, cfg.seed)
+    fill = sum(len(e) for e in examples) / (len(rows) * seq_len)
+    g, per_epoch, steps = plan_steps(len(rows), cfg.batch_size, cfg.epochs, cfg.steps)
+    if g % world:
+        raise LlamalabError(f"sft: --batch-size {g} rows does not divide by the {world} data-parallel processes")
+    micro = cfg.micro_batch_size or min(g // world, 8)
+    run = RunDir(cfg.run_dir)
+    if is_rank0():
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.sft_data, {**ledger.to_json(), "rows": len(rows), "seq_len": seq_len,
+                                         "packing": cfg.packing, "fill": fill, "template": template})
+
+    seed_everything(cfg.seed)
+    n_trainable = model.num_params()
+    if cfg.lora.rank:
+        n_trainable = apply_lora(model, cfg.lora)
+    model.to(device)
+    # under torchrun: DDP (auto) or FSDP2 (LoRA's frozen base weights get no gradients to reduce);
+    # NOTE: the SFT loss needs the logits of packed rows, so the fused pretraining head stays off
+    pcfg = dataclasses.replace(cfg.parallel, fused_loss=False)
+    strategy = resolve_strategy(pcfg, world)
+    if strategy == "tp":
+        raise LlamalabError("sft: parallel.strategy tp is not supported; use ddp or fsdp")
+    net = parallelize(model, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
+    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.peak_lr(bool(cfg.lora.rank)))
+    optimizer = build_optimizer(model, optim, optim.lr)
+    pad_id = tok.pad_id if tok.pad_id >= 0 else tok.eos_id
+    settings = LoopSettings(
+        name="sft", run_dir=run.root, steps=steps, peak_lr=optim.lr, warmup=warmup_steps_for(optim, steps),
+        min_lr_ratio=optim.min_lr_ratio, grad_clip=optim.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
+        keep_last=cfg.keep_last, eval_interval=cfg.eval_interval if val else 0, stop_after=cfg.stop_after,
+        max_seconds=cfg.max_seconds, resume=cfg.resume, guard=cfg.guard)
+    val_rows = pack_rows(val, seq_len, cfg.packing, seed=0)
+    trainer = Trainer(net, optimizer, settings,
+                      make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed, rank, world),
+                      run_cfg=to_dict(cfg), tokenizer_path=tok_path, autocast=autocast_for(device, dtype),
+                      loss_fn=sft_loss, model_extra={"chat_template": template},
+                      eval_fn=(lambda m, ac: evaluate_loss(m, eval_batches(val, val_rows, micro, pad_id), ac, sft_loss))
+                      if val else None)
+    trainer.restore()
+    write_meta(run, run_meta(to_dict(cfg), model.cfg, files_record(cfg.data), kind="sft", base=base_record(base),
+                             flops_per_token=flops_per_token(model.cfg, seq_len), world_size=world, strategy=strategy,
+                             device=str(device), dtype=str(dtype), n_params=model.num_params(),
+                             trainable_params=n_trainable, template=template))
+    mode = f"LoRA r={cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.rank else "full fine-tuning"
+    print0(f"sft: {base} | {mode}, {n_trainable:,} trainable params | template {template} | {len(rows)} rows of "
+           f"<= {seq_len} tokens ({fill:.0%} filled, {'packed' if cfg.packing else 'unpacked'}) | {steps} steps x "
+           f"{g} rows (micro {micro} x {world} processes) = {steps / per_epoch:.2f} epochs | lr {optim.lr:g} cosine, "
+           f"wd {optim.weight_decay} | {device} {str(dtype).replace('torch.', '')}")
+    t_fit = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t_fit
+    # NOTE: the loop's tokens/s counts target (assistant) tokens; this one counts every input token
+    train_tokens = sum(len(e) for e in examples)
+    result["input_tokens_per_s"] = train_tokens * result["steps"] / per_epoch / seconds if seconds else None
+    result["val_examples"] = len(val)
+    return finish(run, model, lora=cfg.lora, base=base, data=cfg.data, fmt=cfg.format, tok_path=tok_path,
+                  template=template, base_meta=meta, ledger=ledger, result=result, seconds=seconds)
+
+
+if __name__ == "__main__":
+    from llamalab.cli import stage_main
+
+    stage_main(Config, main)

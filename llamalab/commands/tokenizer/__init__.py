@@ -1,0 +1,1 @@
+"""Entry points: one module per CLI word, each holding only its Config and main()."""
