@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU smoke check of the CUDA-only paths, run from the repository root on one GPU:
 #   bash examples/gpu_smoke.sh            (OUT=folder for the log, default /tmp/gpu_smoke)
-# It exercises what CPU CI cannot: bf16 autocast, FSDP2 with its bf16 mixed-precision policy under
-# torchrun, fused CUDA AdamW, torch.compile on CUDA, fp16 with dynamic loss scaling, resume on GPU,
-# LoRA SFT and generation from the trained model. Each step prints its last metrics; the script stops
+# It exercises what CPU CI cannot: bf16 autocast, torchrun on CUDA, fused CUDA AdamW, torch.compile on
+# CUDA, fp16 with dynamic loss scaling, resume on GPU, LoRA SFT and generation from the trained model.
+# NOTE: with one process --parallel.strategy fsdp resolves to plain training (nothing to shard); FSDP2's
+# mixed-precision policy needs >= 2 GPUs (NCCL refuses two ranks on one device): run step 2 with
+# --nproc-per-node 2 there. Each step prints its last metrics; the script stops
 # at the first failure. Takes about 3-5 minutes on one H100/H200 (most of it the CPU tokenizer).
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_smoke}
@@ -24,8 +26,8 @@ R="$W/smoke"
 last "$R"
 D="$R/data"
 
-step "2. FSDP2 under torchrun (1 GPU, bf16 mixed-precision policy, fused AdamW, compile)"
-$PY -m torch.distributed.run --standalone --nproc-per-node 1 -m llamalab.train.pretrain "$D" \
+step "2. torchrun on CUDA (fused AdamW, compile; FSDP with ${NPROC:-1} process(es))"
+$PY -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-1}" -m llamalab.train.pretrain "$D" \
   --run-dir "$W/fsdp" --parallel.strategy fsdp --parallel.compile true --steps 30 --eval-interval 10 --report false
 last "$W/fsdp"
 
