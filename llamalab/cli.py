@@ -39,6 +39,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "chat": "llamalab.commands.chat",
     "serve": "llamalab.commands.serve",
     "report": "llamalab.commands.report",
+    "release": {"": "llamalab.commands.release", "verify": "llamalab.commands.release_verify"},
 }
 
 
@@ -46,7 +47,9 @@ def _usage(table: dict, prefix: str) -> str:
     lines = [f"usage: {prefix} <command> [flags]   ({prefix} <command> --help for its flags)", "", "commands:"]
     for word, target in table.items():
         if isinstance(target, dict):
-            lines.append(f"  {word:<12} {' | '.join(target)}")
+            lines.append(f"  {word:<12} {' | '.join(w or f'({word} ...)' for w in target)}")
+        elif word == "":  # the default subcommand: `prefix ARGS` when ARGS does not start with a subcommand
+            lines.append(f"  {'(default)':<12} {_first_doc_line(target)}")
         else:
             lines.append(f"  {word:<12} {_first_doc_line(target)}")
     return "\n".join(lines)
@@ -78,8 +81,9 @@ def invoke(config_cls: type, main_fn, argv: list[str], prog: str, doc: str | Non
     except LlamalabError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = getattr(e, "exit_code", 2)  # a stop on SIGTERM/SIGINT: 143/130, after its checkpoint
+        print(f"{'error' if code == 2 else 'stopped'}: {e}", file=sys.stderr)
+        return code
     except ImportError as e:
         if debug:
             traceback.print_exc()
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     table: dict = COMMANDS
     prefix = "llamalab"
     while True:
+        if "" in table and (not argv or argv[0] not in table) and not (argv and argv[0] in ("-h", "--help")):
+            return run_module(table[""], argv, prefix)  # the default subcommand (`llamalab release RUN`)
         if not argv or argv[0] in ("-h", "--help"):
             print(_usage(table, prefix))
             return 0 if argv else 2

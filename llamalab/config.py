@@ -8,7 +8,15 @@ resolved config back into JSON for ``meta.json``. Stages themselves never touch 
 Field metadata understood here:
 - ``help``: the flag's help text;
 - ``positional=True``: a positional argument instead of a ``--flag``;
-- ``choices``: allowed values.
+- ``choices``: allowed values;
+- ``nargs="+"``: a list flag that takes several values even though the command has a positional argument.
+
+List fields take several values, each of which may itself be comma-separated (``a.txt b.txt`` is
+``a.txt,b.txt``), so a shell glob works: a positional list takes every remaining word
+(``llamalab tokenizer train corpus/*.txt``); a list flag (``--data a.json b.json``) takes the words up
+to the next flag in commands without a positional argument, and only the comma form otherwise (the
+flag would swallow the positional: ``eval run --task a,b MODEL``), unless the field opts in with
+``nargs="+"``. A repeated list flag adds to the list.
 """
 
 from __future__ import annotations
@@ -63,18 +71,42 @@ def _converter(tp: Any) -> Callable[[str], Any]:
     return str
 
 
+def _is_list(tp: Any) -> bool:
+    base, _ = _unwrap_optional(tp)
+    return typing.get_origin(base) in (list, tuple) or base in (list, tuple)
+
+
+class _ListAction(argparse.Action):
+    """Store a list field: flattens the words (each already split on commas); a repeated flag adds to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values and isinstance(values[0], list):  # several words
+            values = [x for word in values for x in word]
+        prev = getattr(namespace, self.dest, None) if option_string else None
+        setattr(namespace, self.dest, (prev if isinstance(prev, list) else []) + list(values))
+
+
+def _has_positional(cls: type) -> bool:
+    return any(f.metadata.get("positional") for f, _ in _fields(cls))
+
+
 def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """Add one flag per field of ``cls`` (recursively for nested dataclasses)."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                       multi_flags: bool | None = None) -> None:
+    """Add one flag per field of ``cls`` (recursively for nested dataclasses).
+
+    ``multi_flags``: list flags take several words (default: when ``cls`` has no positional field)."""
+    if multi_flags is None:
+        multi_flags = not _has_positional(cls)
     for f, tp in _fields(cls):
         base, _ = _unwrap_optional(tp)
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(base):
-            add_dataclass_args(parser, base, prefix=f"{name}.")
+            add_dataclass_args(parser, base, prefix=f"{name}.", multi_flags=multi_flags)
             continue
         help_ = f.metadata.get("help", "")
         kw: dict[str, Any] = {"type": _converter(tp), "help": help_, "default": argparse.SUPPRESS}
@@ -85,10 +117,17 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             choices = list(typing.get_args(base))
         if choices:
             kw["choices"] = choices
-        if f.metadata.get("positional") and not prefix:
+        positional = bool(f.metadata.get("positional")) and not prefix
+        if _is_list(tp):
+            kw["action"] = _ListAction
+            if positional:
+                kw["nargs"] = "*"
+            elif multi_flags or f.metadata.get("nargs") == "+":
+                kw["nargs"] = "+"
+        if positional:
             kw.pop("default")
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                kw["nargs"] = "?"
+                kw.setdefault("nargs", "?")
                 kw["default"] = argparse.SUPPRESS
             parser.add_argument(f.name, metavar=f.name.upper(), **kw)
         else:

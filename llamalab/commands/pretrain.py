@@ -10,7 +10,10 @@ the global batch and the data order do not depend on the world size (docs/distri
 Record (LLM360): ``meta.json`` (resolved config, git SHA, versions, manifest hash), the data
 manifest, ``metrics.jsonl`` (one line per step: loss, lr, grad norm, tokens, tokens/s, MFU, the
 global batch index read), ``logbook.jsonl`` (restarts, NaNs, spikes, rollbacks, config changes),
-and every checkpoint (``--keep-last 0`` keeps all).
+and every checkpoint (``--keep-last 0`` keeps all). A completed schedule ends with the final model
+at ``RUN/model/`` (the last checkpoint's, hard-linked): ``--base RUN/model`` or just ``RUN``. A run
+stopped early (``--stop-after``, ``--max-seconds``, SIGTERM/SIGINT, which write a checkpoint and
+exit 143/130) has no ``model/`` yet: its newest checkpoint is the model until ``--resume`` finishes.
 
 The library pieces live in :mod:`llamalab.train.setup` (model shape, batch plan, precision, the
 parallel model), :mod:`llamalab.train.trainer` (the loop) and :mod:`llamalab.train.meta` (the
@@ -80,6 +83,9 @@ class Config:
     log_interval: int = 10
     seed: int = 1337
     resume: bool = False
+    restart_if_corrupt: bool = field(default=False, metadata={
+        "help": "with --resume: when every checkpoint fails verification, set them aside (step_N.corrupt) and "
+                "train again from step 0 instead of stopping with an error"})
     tensorboard: bool = False
     report: bool = field(default=True, metadata={"help": "write report.html (plots, config, logbook) at the end"})
     peak_flops: float = field(default=0.0, metadata={"help": "device peak FLOP/s for MFU (0: measure a matmul)"})
@@ -117,7 +123,7 @@ def main(cfg: Config) -> dict[str, Any]:
     tok_path = None
     if is_rank0():
         run.root.mkdir(parents=True, exist_ok=True)
-        tok_path = copy_tokenizer(run, train.manifest)
+        tok_path = copy_tokenizer(run, train.manifest, data_root=data_root)
         write_json_atomic(run.manifest, train.manifest)
 
     seed_everything(cfg.seed)
@@ -141,7 +147,8 @@ def main(cfg: Config) -> dict[str, Any]:
         tokens_per_step=plan.global_seqs * plan.seq_len,
         flops_per_token=fpt, peak_flops=peak, checkpoint_interval=cfg.checkpoint_interval, keep_last=cfg.keep_last,
         eval_interval=cfg.eval_interval, stop_after=cfg.stop_after, max_seconds=cfg.max_seconds, resume=cfg.resume,
-        tensorboard=cfg.tensorboard, fault_nan_steps=tuple(cfg.fault_nan_steps), guard=cfg.guard)
+        restart_if_corrupt=cfg.restart_if_corrupt, final_model=True, tensorboard=cfg.tensorboard,
+        fault_nan_steps=tuple(cfg.fault_nan_steps), guard=cfg.guard)
     trainer = Trainer(model, optimizer, settings, batch, run_cfg=to_dict(cfg), tokenizer_path=tok_path,
                       autocast=autocast,
                       eval_fn=lambda m, ac: evaluate_loss(m, val_batches(val, plan.micro, cfg.eval_batches), ac),

@@ -15,6 +15,17 @@ Trade-offs:
 - Decontamination hashes word n-grams (13 by default, as GPT-3) of lower-cased, punctuation-free
   text. NOTE: an eval item shorter than ``n`` words has no n-gram and cannot be caught; lower
   ``n`` for short-question sets (at the price of more false positives on common phrases).
+  :meth:`Decontaminator.remove` works at the granularity that matched (as LLaMA 2 measured
+  contamination per span, not per document): the paragraphs an n-gram overlaps are removed and
+  the rest of the document is kept (a 42-play Shakespeare file loses Polonius' speech quoted by
+  one MMLU item, not the other 41 plays). A paragraph longer than ``max_unit_chars`` is handled
+  line by line, a longer line in pieces of that size cut at whitespace. Each removal names the
+  eval item (``file:line``) and the first n-gram that matched.
+- Long documents: every function here normalises text in pieces of ``_PIECE`` characters cut at
+  whitespace, and hashes, shingles and n-grams are streamed, so the memory they need does not grow
+  with the length of one document (a 20 MB line used to cost ~13 bytes of Python objects per
+  byte in a word list). Results are the same as on the whole text, since normalisation never
+  joins or splits words across whitespace.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ import gzip
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from llamalab.common import LlamalabError, iter_jsonl
@@ -31,11 +44,27 @@ from llamalab.common import LlamalabError, iter_jsonl
 _DIGITS = re.compile(r"\d")
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 _SPACES = re.compile(r"\s+")
+_WS = re.compile(r"\s")
+_PIECE = 1 << 16  # characters normalised / hashed at a time
 
 
-def normalize_line(line: str) -> str:
-    """CCNet's normalisation: lower case, accents stripped, digits -> 0, punctuation removed."""
-    s = line.lower()
+def pieces(text: str, size: int = _PIECE) -> Iterator[str]:
+    """``text`` in consecutive pieces of about ``size`` characters, each cut just before a
+    whitespace character (a run of ``size`` characters without whitespace is cut where it is)."""
+    n = len(text)
+    a = 0
+    while n - a > size:
+        m = _WS.search(text, a + size, min(n, a + 2 * size))
+        b = m.start() if m else a + 2 * size
+        if b >= n:
+            break
+        yield text[a:b]
+        a = b
+    yield text[a:]
+
+
+def _normalize(s: str) -> str:
+    s = s.lower()
     if not s.isascii():  # NOTE: the per-character accent strip is the slow part; ASCII skips it
         s = unicodedata.normalize("NFD", s)
         s = "".join(c for c in s if unicodedata.category(c) != "Mn")
@@ -44,8 +73,22 @@ def normalize_line(line: str) -> str:
     return _SPACES.sub(" ", s).strip()
 
 
+def normalize_line(line: str) -> str:
+    """CCNet's normalisation: lower case, accents stripped, digits -> 0, punctuation removed."""
+    if len(line) <= _PIECE:
+        return _normalize(line)
+    return " ".join(p for p in map(_normalize, pieces(line)) if p)
+
+
+def normalized_words(text: str) -> Iterator[str]:
+    """The words of ``normalize_line(text)``, produced piece by piece."""
+    for piece in pieces(text):
+        yield from _normalize(piece).split()
+
+
 def hash64(s: str) -> int:
-    return int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "little")
+    # surrogatepass: a lone surrogate (from an eval file's JSON) must not stop hashing
+    return int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def line_hashes(text: str) -> list[int]:
@@ -99,7 +142,16 @@ def dedup_lines(text: str, shard: int, first: dict[int, int], seen_here: set[int
 
 
 def text_hash(text: str) -> str:
-    return hashlib.sha1(_SPACES.sub(" ", text).strip().encode("utf-8")).hexdigest()
+    """sha1 of the text with whitespace runs made one space (streamed for long texts)."""
+    if len(text) <= _PIECE:
+        return hashlib.sha1(_SPACES.sub(" ", text).strip().encode("utf-8")).hexdigest()
+    h, first = hashlib.sha1(), True
+    for piece in pieces(text):
+        ws = piece.split()
+        if ws:
+            h.update(("" if first else " ").encode() + " ".join(ws).encode("utf-8"))
+            first = False
+    return h.hexdigest()
 
 
 class ExactDedup:
@@ -124,11 +176,28 @@ def shingles(text: str, k: int = 5) -> set[bytes]:
     return {" ".join(ws[i:i + k]).encode("utf-8") for i in range(len(ws) - k + 1)}
 
 
-def minhash(text: str, num_perm: int = 128, k: int = 5, seed: int = 1):
+def minhash(text: str, num_perm: int = 128, k: int = 5, seed: int = 1, batch: int = 1 << 15):
+    """MinHash of the text's word ``k``-shingles. A long text is shingled in streamed batches: a
+    minimum does not care about repeats, so the signature equals the one of the shingle set."""
     from datasketch import MinHash  # optional extra: llamalab[data]
 
     m = MinHash(num_perm=num_perm, seed=seed)
-    m.update_batch(list(shingles(text, k)))
+    if len(text) <= _PIECE:
+        m.update_batch(list(shingles(text, k)))
+        return m
+    window: deque[str] = deque(maxlen=k)
+    buf: list[bytes] = []
+    for w in normalized_words(text):
+        window.append(w)
+        if len(window) == k:
+            buf.append(" ".join(window).encode("utf-8"))
+            if len(buf) >= batch:
+                m.update_batch(buf)
+                buf = []
+    if len(window) < k and window:  # fewer than k words in all: the one shingle is all of them
+        buf.append(" ".join(window).encode("utf-8"))
+    if buf:
+        m.update_batch(buf)
     return m
 
 
@@ -163,18 +232,32 @@ class NearDupIndex:
 # ----------------------------------------------------------------------------- decontamination
 
 
-def eval_texts(path: str | Path) -> list[str]:
-    """The text of every item in an eval file: all string values (and lists of strings) of each JSON
-    line, joined; for a plain text file, its non-empty paragraphs."""
+def eval_items(path: str | Path) -> list[tuple[str, str]]:
+    """``(label, text)`` of every item in an eval file; the label is ``file:line`` (1-based). A JSON
+    line's text is all its string values (and lists of strings) joined; a plain text file's items
+    are its non-empty paragraphs, labelled with their first line."""
     path = Path(path)
     if not path.exists():
         raise LlamalabError(f"eval file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     name = path.name[:-3] if path.suffix == ".gz" else path.name
-    with opener(path, "rt", encoding="utf-8") as f:
-        if not name.endswith((".jsonl", ".json")):
-            return [p for p in f.read().split("\n\n") if p.strip()]
-        return [" ".join(_strings(obj)) for _, obj in iter_jsonl(f, path)]
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if not name.endswith((".jsonl", ".json")):
+                out, line, nl = [], 1, "\n"
+                for para in f.read().split("\n\n"):
+                    if para.strip():
+                        out.append((f"{path.name}:{line + len(para) - len(para.lstrip(nl))}", para))
+                    line += para.count("\n") + 2
+                return out
+            return [(f"{path.name}:{n}", " ".join(_strings(obj))) for n, obj in iter_jsonl(f, path)]
+    except (EOFError, OSError, UnicodeDecodeError) as e:
+        raise LlamalabError(f"{path}: not a readable eval file ({e})") from None
+
+
+def eval_texts(path: str | Path) -> list[str]:
+    """The text of every item in an eval file (see :func:`eval_items`)."""
+    return [t for _, t in eval_items(path)]
 
 
 def _strings(obj) -> list[str]:
@@ -192,35 +275,131 @@ def ngram_hashes(text: str, n: int) -> set[int]:
     return {hash64(" ".join(ws[i:i + n])) for i in range(len(ws) - n + 1)}
 
 
+_BLANK_RUN = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+
+
+def units(text: str, max_chars: int = 2000) -> list[tuple[int, int]]:
+    """``(start, end)`` spans that partition ``text``: paragraphs (with the blank lines after them);
+    a paragraph over ``max_chars`` as its lines, a line over ``max_chars`` in pieces cut at whitespace.
+    Every cut is at whitespace, so the words of the units are the words of the text, in order."""
+    out: list[tuple[int, int]] = []
+
+    def paragraph(a: int, b: int) -> None:
+        if b - a <= max_chars:
+            out.append((a, b))
+            return
+        while a < b:
+            nl = text.find("\n", a, b)
+            end = b if nl < 0 else nl + 1
+            if end - a <= max_chars:
+                out.append((a, end))
+            else:
+                for piece in pieces(text[a:end], max_chars):
+                    out.append((a, a + len(piece)))
+                    a += len(piece)
+            a = end
+
+    pos = 0
+    for m in _BLANK_RUN.finditer(text):
+        paragraph(pos, m.end())
+        pos = m.end()
+    if pos < len(text):
+        paragraph(pos, len(text))
+    return out
+
+
+@dataclass
+class Contamination:
+    """One contiguous stretch of units that eval n-grams overlap."""
+
+    first: int  # first unit index
+    last: int  # last unit index (inclusive)
+    item: str  # the eval item of the first n-gram that matched: "file:line"
+    ngram: str  # that n-gram (normalised words)
+    ngrams: int = 1  # n-grams that matched in the stretch
+
+    @property
+    def eval_file(self) -> str:
+        return self.item.rsplit(":", 1)[0]
+
+
 class Decontaminator:
-    """An index of the word n-grams of evaluation sets; ``match`` names the set a text overlaps."""
+    """An index of the word n-grams of evaluation sets; ``match`` names the set a text overlaps,
+    ``remove`` cuts the overlapping paragraphs out of a text and says which item matched."""
 
     def __init__(self, n: int = 13) -> None:
         self.n = n
-        self.index: dict[int, str] = {}
+        self.index: dict[int, int] = {}  # n-gram hash -> item number
+        self.labels: list[str] = []  # item number -> "file:line"
         self.items = 0
         self.too_short = 0
 
-    def add(self, name: str, texts: Iterable[str]) -> None:
-        for t in texts:
+    def add(self, name: str, texts: Iterable[str], labels: Iterable[str] | None = None) -> None:
+        labels = iter(labels) if labels is not None else None
+        for k, t in enumerate(texts):
+            item = len(self.labels)
+            self.labels.append(next(labels) if labels is not None else f"{name}:{k + 1}")
             grams = ngram_hashes(t, self.n)
             self.items += 1
             if not grams:
                 self.too_short += 1
             for g in grams:
-                self.index.setdefault(g, name)
+                self.index.setdefault(g, item)
 
     @classmethod
     def from_files(cls, paths: Sequence[str | Path], n: int = 13) -> Decontaminator:
         d = cls(n)
         for p in paths:
-            d.add(Path(p).name, eval_texts(p))
+            items = eval_items(p)
+            d.add(Path(p).name, [t for _, t in items], [label for label, _ in items])
         return d
 
+    def _hits(self, text: str, spans: list[tuple[int, int]] | None = None) -> Iterator[tuple[int, int, int, str]]:
+        """(first unit, last unit, item, n-gram) of every matching n-gram, in text order."""
+        spans = spans if spans is not None else [(0, len(text))]
+        window: deque[tuple[str, int]] = deque(maxlen=self.n)
+        for u, (a, b) in enumerate(spans):
+            for w in normalized_words(text[a:b]):
+                window.append((w, u))
+                if len(window) == self.n:
+                    gram = " ".join(x for x, _ in window)
+                    item = self.index.get(hash64(gram))
+                    if item is not None:
+                        yield window[0][1], u, item, gram
+
     def match(self, text: str) -> str | None:
-        ws = normalize_line(text).split()
-        for i in range(len(ws) - self.n + 1):
-            name = self.index.get(hash64(" ".join(ws[i:i + self.n])))
-            if name is not None:
-                return name
+        """The eval file of the first n-gram ``text`` shares with an eval item, or None."""
+        for _, _, item, _ in self._hits(text):
+            return self.labels[item].rsplit(":", 1)[0]
         return None
+
+    def find(self, text: str, max_unit_chars: int = 2000) -> tuple[list[tuple[int, int]], list[Contamination]]:
+        """The text's units (see :func:`units`) and the contaminated stretches of them."""
+        if not self.index:
+            return [], []
+        spans = units(text, max_unit_chars)
+        found: list[Contamination] = []
+        for first, last, item, gram in self._hits(text, spans):
+            if found and first <= found[-1].last + 1 and last >= found[-1].first:
+                found[-1].last = max(found[-1].last, last)
+                found[-1].ngrams += 1
+            else:
+                found.append(Contamination(first, last, self.labels[item], gram))
+        return spans, found
+
+    def remove(self, text: str, max_unit_chars: int = 2000) -> tuple[str, list[dict]]:
+        """``text`` without the units eval n-grams overlap, and one record per removed stretch:
+        ``{"eval": "file:line", "ngram", "ngrams", "chars_removed", "text"}`` (``text``: what was cut)."""
+        spans, found = self.find(text, max_unit_chars)
+        if not found:
+            return text, []
+        records, kept, pos = [], [], 0
+        for c in found:
+            a, b = spans[c.first][0], spans[c.last][1]
+            kept.append(text[pos:a])
+            records.append({"eval": c.item, "ngram": c.ngram, "ngrams": c.ngrams, "chars_removed": b - a,
+                            "text": text[a:b]})
+            pos = b
+        kept.append(text[pos:])
+        out = "".join(kept)
+        return (out.rstrip() if pos == len(text) else out), records

@@ -32,13 +32,28 @@ from pathlib import Path
 import numpy as np
 
 from llamalab.common import LlamalabError
+from llamalab.data.dedup import pieces
 
 _WORD = re.compile(r"\w+(?:'\w+)?", re.UNICODE)
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+_LONG = 1 << 20  # characters: above this, filters count words in pieces before building lists
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text)
+
+
+def count_words(text: str, stop: int | None = None) -> int:
+    """``len(text.split())`` without the list (pieces cut at whitespace); stops once past ``stop``."""
+    n = 0
+    for piece in pieces(text):
+        n += len(piece.split())
+        if stop is not None and n >= stop:
+            return n
+    return n
 
 
 # ----------------------------------------------------------------------------- language id
@@ -82,10 +97,30 @@ def language_filter(text: str, languages: Sequence[str] = ("en",), min_prob: flo
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's list
 BULLETS = ("•", "*", "-", "–", "‣", "◦", "·")
 TERMINAL = ('.', '!', '?', '"', "'", '”', '’', ':', ';', ')')
+_COOKIE = re.compile(r"\bcookies?\b", re.IGNORECASE)
+_COOKIE_THEN = re.compile(r"\b(use|policy|accept|consent)\b", re.IGNORECASE)
+_THEN_COOKIE = re.compile(r"\b(use|accept)\b", re.IGNORECASE)
+
+
+class _CookieLine:
+    """C4's cookie rule, ``cookies?.*(use|policy|accept|consent)|(use|accept).*cookies?`` (words,
+    any case, on one line), in linear time: as one regex it backtracks quadratically (a 20 MB line
+    took minutes). The leftmost first word ends first, so it is the only one worth trying."""
+
+    def search(self, s: str) -> bool:
+        for seg in s.split("\n") if "\n" in s else (s,):  # ".*" does not cross a newline
+            m = _COOKIE.search(seg)
+            if m and _COOKIE_THEN.search(seg, m.end()):
+                return True
+            m = _THEN_COOKIE.search(seg)
+            if m and _COOKIE.search(seg, m.end()):
+                return True
+        return False
+
+
 BAD_LINE_PATTERNS = {
     "javascript": re.compile(r"javascript", re.IGNORECASE),
-    "cookie": re.compile(r"\bcookies?\b.*\b(use|policy|accept|consent)\b"
-                         r"|\b(use|accept)\b.*\bcookies?\b", re.IGNORECASE),
+    "cookie": _CookieLine(),
     "policy": re.compile(r"\b(terms of use|privacy policy|all rights reserved)\b", re.IGNORECASE),
 }
 
@@ -108,6 +143,8 @@ class HeuristicConfig:
 def gopher_filter(text: str, cfg: HeuristicConfig | None = None) -> str | None:
     """Gopher's document rules; the first failing rule's name, or None."""
     cfg = cfg or HeuristicConfig()
+    if len(text) > _LONG and count_words(text, cfg.max_words + 1) > cfg.max_words:
+        return "gopher:too_many_words"  # counted in pieces: a long page's word list is never built
     ws = text.split()
     n = len(ws)
     if n < cfg.min_words:
@@ -141,7 +178,7 @@ def c4_line_reason(line: str, cfg: HeuristicConfig | None = None) -> str | None:
             return f"c4:{name}"
     if not s.endswith(TERMINAL):
         return "c4:no_terminal_punct"
-    if len(s.split()) < cfg.min_line_words:
+    if len(s.split(maxsplit=cfg.min_line_words)) < cfg.min_line_words:
         return "c4:short_line"
     return None
 
@@ -170,7 +207,8 @@ def c4_doc_filter(text: str, cfg: HeuristicConfig | None = None) -> str | None:
         return "c4:lorem_ipsum"
     if "{" in text:
         return "c4:curly_brace"
-    if len(re.findall(r"[.!?](?:\s|$)", text)) < cfg.min_sentences:
+    ends = _SENTENCE_END.finditer(text)
+    if sum(1 for _ in zip(range(cfg.min_sentences), ends)) < cfg.min_sentences:
         return "c4:too_few_sentences"
     return None
 

@@ -10,6 +10,11 @@ ledger, and its examples, are the same whichever executor ran the shards.
 
 Invariant checked by :meth:`Ledger.check`: ``documents read == kept + dropped`` (lines are
 counted separately: a line drop shortens a document, it does not remove it).
+
+Decontamination that cuts a stretch out of a document (``decontam="remove"``) counts the stretch's
+lines under ``("decontam", <eval file>)`` and keeps a record of it in ``decontaminated`` (the
+first ``max_records``): the document id, the eval item (``file:line``), the first n-gram that
+matched, how many n-grams did, and how many characters were removed.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ class Ledger:
     max_examples: int = 3
     example_chars: int = 200
     rejects: IO | None = field(default=None, repr=False)
+    decontaminated: list = field(default_factory=list)  # one record per removed stretch (first max_records)
+    decontam_total: int = 0  # stretches removed or found, all of them
+    max_records: int = 1000
 
     def _example(self, stage: str, reason: str, doc_id: str, text: str) -> None:
         ex = self.examples.setdefault(f"{stage}/{reason}", [])
@@ -59,6 +67,23 @@ class Ledger:
         self._example(stage, reason, doc_id, "\n".join(lines))
         if self.rejects is not None:
             self.rejects.write(json.dumps({"id": doc_id, "stage": stage, "reason": reason, "lines": lines},
+                                          ensure_ascii=False) + "\n")
+
+    def decontam(self, doc_id: str, reason: str, record: dict, action: str) -> None:
+        """A contaminated stretch of a document: ``action`` is ``removed`` (its lines are counted as
+        dropped), ``flagged``, or ``document_dropped`` (the caller counts the document)."""
+        text = record.get("text", "")
+        if action == "removed":
+            lines = [ln for ln in text.splitlines() if ln.strip()] or [text]
+            self.lines[("decontam", reason)] += len(lines)
+            self._example("decontam", reason, doc_id, text)
+        self.decontam_total += 1
+        row = {"id": doc_id, "action": action, **{k: v for k, v in record.items() if k != "text"}}
+        if len(self.decontaminated) < self.max_records:
+            self.decontaminated.append(row)
+        if self.rejects is not None and action == "removed":
+            self.rejects.write(json.dumps({"id": doc_id, "stage": "decontam", "reason": reason,
+                                           **{k: v for k, v in row.items() if k != "id"}, "text": text},
                                           ensure_ascii=False) + "\n")
 
     def flag(self, stage: str, reason: str, doc_id: str, text: str) -> None:
@@ -86,21 +111,28 @@ class Ledger:
         for k, v in other.examples.items():
             mine = self.examples.setdefault(k, [])
             mine.extend(v[: max(0, self.max_examples - len(mine))])
+        self.decontam_total += other.decontam_total
+        self.decontaminated.extend(other.decontaminated[: max(0, self.max_records - len(self.decontaminated))])
         return self
 
     def to_dict(self) -> dict:
         def rows(c: Counter) -> list[dict]:
             return [{"stage": s, "reason": r, "count": n} for (s, r), n in sorted(c.items())]
 
-        return {"version": LEDGER_VERSION, "read": self.read, "kept": self.kept, "dropped": self.dropped,
-                "bytes_read": self.bytes_read, "bytes_kept": self.bytes_kept,
-                "documents_dropped": rows(self.docs), "lines_dropped": rows(self.lines),
-                "flagged": rows(self.flagged), "examples": self.examples}
+        out = {"version": LEDGER_VERSION, "read": self.read, "kept": self.kept, "dropped": self.dropped,
+               "bytes_read": self.bytes_read, "bytes_kept": self.bytes_kept,
+               "documents_dropped": rows(self.docs), "lines_dropped": rows(self.lines),
+               "flagged": rows(self.flagged), "examples": self.examples}
+        if self.decontam_total:  # NOTE: only when there is one, so a clean corpus' ledger is unchanged
+            out["decontaminated"] = {"total": self.decontam_total, "records": self.decontaminated}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Ledger:
+        dec = d.get("decontaminated") or {}
         led = cls(read=d["read"], kept=d["kept"], bytes_read=d.get("bytes_read", 0),
-                  bytes_kept=d.get("bytes_kept", 0), examples=d.get("examples", {}))
+                  bytes_kept=d.get("bytes_kept", 0), examples=d.get("examples", {}),
+                  decontaminated=list(dec.get("records", [])), decontam_total=dec.get("total", 0))
         for key, attr in (("documents_dropped", "docs"), ("lines_dropped", "lines"), ("flagged", "flagged")):
             for row in d.get(key, []):
                 getattr(led, attr)[(row["stage"], row["reason"])] = row["count"]

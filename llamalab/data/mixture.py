@@ -4,6 +4,14 @@ Semantics (the LLaMA table's): ``weight`` is a source's share of the *stream* an
 most passes over that source we accept. The stream's size is the largest total for which no
 source needs more than its epochs: ``total = min_i(size_i * epochs_i / weight_i)``; source i then
 contributes ``weight_i * total`` bytes, i.e. ``weight_i * total / size_i`` passes (<= epochs_i).
+The source reaching the minimum *bounds* the stream (``bound_by``): a small source with a large
+weight makes the whole mixture small.
+
+``size_by="largest"`` is the other choice: the stream is sized so that the source with the most
+data for its weight is read once (``total = max_i(size_i / weight_i)``), and the others repeat up
+to their epochs (``max_epochs`` replaces every source's cap when given); a source that would need
+more passes than its cap gets its cap and falls short of its weight. Weights are then a target,
+and the record says what the plan achieves (``share``) next to what was asked (``weight``).
 Whole passes take every document once in a seeded order; a fractional pass takes a seeded prefix
 of a fresh order (a document is taken while at least half of it fits in the byte budget, so a
 source of a few huge documents, one book, lands as close to its share as whole documents allow).
@@ -66,18 +74,44 @@ def llama_preset() -> dict[str, SourceWeight]:
 PRESETS = {"llama": llama_preset}
 
 
+SIZE_BY = ("smallest", "largest")
+
+
 @dataclass
 class MixPlan:
     total_bytes: float
     sources: dict[str, dict] = field(default_factory=dict)  # name -> weight, epochs, size, planned bytes, passes
     missing: list[str] = field(default_factory=list)
+    size_by: str = "smallest"
+    bound_by: str = ""  # the source that sets the stream's size
 
     def to_dict(self) -> dict:
-        return {"total_bytes": round(self.total_bytes), "sources": self.sources, "missing": self.missing}
+        return {"total_bytes": round(self.total_bytes), "sources": self.sources, "missing": self.missing,
+                "size_by": self.size_by, "bound_by": self.bound_by}
+
+    def bound_line(self) -> str:
+        """One sentence: which source sets the stream's size, and why."""
+        b = self.sources[self.bound_by]
+        if self.size_by == "largest":
+            return (f"mix: sized by the largest source for its weight, {self.bound_by} ({b['size_bytes'] / 1e6:.2f} MB "
+                    f"at weight {b['weight']:.3f}, {b['passes']:.2f} passes): {self.total_bytes / 1e6:.2f} MB planned")
+        return (f"mix: the stream is bounded by {self.bound_by}: {b['size_bytes'] / 1e6:.2f} MB x {b['max_epochs']:g} "
+                f"epochs / weight {b['weight']:.3f} = {self.total_bytes / 1e6:.2f} MB; more data for {self.bound_by} "
+                f"(or more epochs, or --size-by largest) makes a larger mixture")
 
 
-def plan_mixture(sizes: dict[str, int], weights: dict[str, SourceWeight], allow_missing: bool = False) -> MixPlan:
-    """Bytes per source and passes, from the sources' sizes (bytes) and the weights/epochs."""
+def plan_mixture(sizes: dict[str, int], weights: dict[str, SourceWeight], allow_missing: bool = False,
+                 size_by: str = "smallest", max_epochs: float = 0.0, smallest: dict[str, int] | None = None) -> MixPlan:
+    """Bytes per source and passes, from the sources' sizes (bytes) and the weights/epochs.
+
+    ``size_by``: ``smallest`` (every source keeps its weight; the first to reach its epochs bounds
+    the stream) or ``largest`` (the largest source for its weight is read once, smaller ones repeat
+    up to their cap and may fall short). ``max_epochs`` > 0 is every source's cap instead of its own.
+    ``smallest`` (bytes of each source's smallest document) is recorded to explain shortfalls."""
+    if size_by not in SIZE_BY:
+        raise LlamalabError(f"mixture: size_by must be one of {', '.join(SIZE_BY)}, got {size_by!r}")
+    if max_epochs < 0:
+        raise LlamalabError(f"mixture: max_epochs must be > 0 (or 0: each source's own epochs), got {max_epochs}")
     missing = sorted(n for n in weights if not sizes.get(n))
     if missing and not allow_missing:
         raise LlamalabError(f"mixture: no data for source(s) {', '.join(missing)} "
@@ -93,12 +127,24 @@ def plan_mixture(sizes: dict[str, int], weights: dict[str, SourceWeight], allow_
         if w.weight <= 0 or w.epochs <= 0:
             raise LlamalabError(f"mixture: source {n!r} needs weight > 0 and epochs > 0 (got {w.weight}, {w.epochs})")
     norm = sum(w.weight for w in present.values())
-    total = min(sizes[n] * w.epochs / (w.weight / norm) for n, w in present.items())
-    plan = MixPlan(total, missing=missing)
-    for n, w in present.items():
-        share = w.weight / norm
-        plan.sources[n] = {"weight": round(share, 6), "max_epochs": w.epochs, "size_bytes": sizes[n],
-                           "planned_bytes": round(share * total), "passes": round(share * total / sizes[n], 4)}
+    share = {n: w.weight / norm for n, w in present.items()}
+    cap = {n: max_epochs or w.epochs for n, w in present.items()}
+    if size_by == "smallest":
+        room = {n: sizes[n] * cap[n] / share[n] for n in present}
+        bound = min(room, key=lambda n: (room[n], n))
+    else:
+        room = {n: sizes[n] / share[n] for n in present}
+        bound = max(room, key=lambda n: (room[n], n))
+    target = room[bound]
+    planned = {n: min(share[n] * target, cap[n] * sizes[n]) for n in present}
+    total = sum(planned.values())
+    plan = MixPlan(total, missing=missing, size_by=size_by, bound_by=bound)
+    for n in present:
+        plan.sources[n] = {"weight": round(share[n], 6), "max_epochs": cap[n], "size_bytes": sizes[n],
+                           "planned_bytes": round(planned[n]), "passes": round(planned[n] / sizes[n], 4),
+                           "share": round(planned[n] / total, 6)}
+        if smallest and n in smallest:
+            plan.sources[n]["smallest_doc_bytes"] = smallest[n]
     return plan
 
 
@@ -197,6 +243,11 @@ def source_sizes(by_source: dict[str, list[Document]]) -> dict[str, int]:
     return {n: sum(len(d.text.encode("utf-8")) for d in docs) for n, docs in by_source.items()}
 
 
+def smallest_documents(by_source: dict[str, list[Document]]) -> dict[str, int]:
+    """UTF-8 bytes of each source's smallest document (a source whose budget is under half of it gets nothing)."""
+    return {n: min(len(d.text.encode("utf-8")) for d in docs) for n, docs in by_source.items() if docs}
+
+
 @dataclass
 class MixTally:
     """What a stream actually delivered: documents, and UTF-8 bytes per source."""
@@ -214,7 +265,8 @@ class MixTally:
 def write_mixture(stream: Iterable[Document], out: Path, record: dict, tokenizer: Tokenizer | None = None,
                   shard_cfg: ShardWriterConfig | None = None) -> tuple[Path, MixTally]:
     """Write the stream: token shards (the record goes into their manifest as ``mixture``) with a
-    tokenizer, else ``mixed.jsonl`` plus ``mixture.json``. Adds ``actual_bytes`` to ``record``;
+    tokenizer, else ``mixed.jsonl`` plus ``mixture.json``. Adds ``actual_bytes`` and ``warnings``
+    (sources under half their weight, see :func:`shortfalls`) to ``record``;
     returns the file holding the record and the tally."""
     out.mkdir(parents=True, exist_ok=True)
     tally = MixTally()
@@ -223,6 +275,7 @@ def write_mixture(stream: Iterable[Document], out: Path, record: dict, tokenizer
 
         manifest = write_shards(list(tally.count(stream)), tokenizer, out, shard_cfg)
         record["actual_bytes"] = dict(tally.bytes)
+        record["warnings"] = shortfalls(record, tally.bytes)
         manifest["mixture"] = record
         write_json_atomic(out / MANIFEST, manifest)
         return out / MANIFEST, tally
@@ -236,16 +289,45 @@ def write_mixture(stream: Iterable[Document], out: Path, record: dict, tokenizer
     bar.close()
     tmp.replace(out / MIXED)
     record["actual_bytes"] = dict(tally.bytes)
+    record["warnings"] = shortfalls(record, tally.bytes)
     write_json_atomic(out / RECORD, record)
     return out / RECORD, tally
 
 
-def print_mixture(plan: MixPlan, tally: MixTally, seconds: float, where: Path) -> None:
-    """Planned weight against the actual share per source, then one summary line."""
+def shortfalls(record: dict, actual: dict[str, int]) -> list[str]:
+    """A warning per source of a mixture record whose actual share (``actual``: bytes per source)
+    is under half its weight, with the reason when the plan knows it."""
+    total = sum(actual.values())
+    out = []
+    for n, s in record["sources"].items():
+        got = actual.get(n, 0) / max(total, 1)
+        if got >= 0.5 * s["weight"]:
+            continue
+        why = ""
+        if s["share"] < 0.5 * s["weight"]:
+            why = f": its {s['size_bytes'] / 1e6:.2f} MB may be read only {s['max_epochs']:g} times"
+        elif s.get("smallest_doc_bytes", 0) > s["planned_bytes"] / 2:
+            why = (f": its smallest document ({s['smallest_doc_bytes'] / 1e6:.3f} MB) is over twice its "
+                   f"budget ({s['planned_bytes'] / 1e6:.3f} MB)")
+        else:
+            why = (f": its budget ({s['planned_bytes'] / 1e6:.3f} MB) is small next to its documents (one is "
+                   f"taken when at least half of it fits)")
+        hint = ("raise --max-epochs" if record.get("size_by") == "largest"
+                else "try --size-by largest --max-epochs 4 (the largest source read once, small ones repeated)")
+        out.append(f"mix: warning: {n} got {got:.3f} of the stream, planned {s['weight']:.3f}{why}; {hint}")
+    return out
+
+
+def print_mixture(plan: MixPlan, tally: MixTally, seconds: float, where: Path, warnings: list[str]) -> None:
+    """Asked-for weight, planned and actual share per source, which source sets the size, the
+    warnings (sources under half their weight), then one summary line."""
     total = sum(tally.bytes.values())
-    print0(f"{'source':<16} {'weight':>7} {'actual':>7} {'passes':>7} {'MB':>9}")
+    print0(f"{'source':<16} {'weight':>7} {'planned':>7} {'actual':>7} {'passes':>7} {'cap':>5} {'MB':>9}")
     for n, s in plan.sources.items():
-        print0(f"{n:<16} {s['weight']:>7.3f} {tally.bytes[n] / max(total, 1):>7.3f} {s['passes']:>7.2f} "
-               f"{tally.bytes[n] / 1e6:>9.2f}")
+        print0(f"{n:<16} {s['weight']:>7.3f} {s['share']:>7.3f} {tally.bytes[n] / max(total, 1):>7.3f} "
+               f"{s['passes']:>7.2f} {s['max_epochs']:>5.2f} {tally.bytes[n] / 1e6:>9.2f}")
+    print0(plan.bound_line())
+    for w in warnings:
+        print0(w)
     print0(f"mix: {tally.documents:,} documents, {total / 1e6:.2f} MB from {len(plan.sources)} sources in "
            f"{seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.2f} MB/s) -> {where}")

@@ -5,6 +5,16 @@ appended to flat binary shards (``uint16`` when the vocabulary fits, else ``uint
 ``shard_tokens`` tokens. The manifest records every shard (file, token count, sha256, dtype) and,
 for every document, its id, source, provenance and token range, plus the tokenizer's hash.
 
+Long documents: a document over ``piece_chars`` characters is tokenized in pieces cut at a single
+space between two words, and each tokenizer call gets at most ``batch_chars`` characters, so memory
+follows the piece size, not the document (SentencePiece needs ~40 bytes per input byte: a 200 MB
+line used to end in ``std::bad_alloc``). With SentencePiece (pieces never cross a space that follows
+a word; the dummy prefix stands for the space dropped at the cut) and byte-level BPE (the space
+starts the next piece) the ids equal those of the whole document; :func:`split_for_encoding`
+probes which of the two the tokenizer does. Text without such a space for a whole piece (one
+giant "word", some scripts) is cut at a newline, else anywhere: then the ids may differ at that
+cut, and the manifest counts it (``long_documents.inexact_cuts``).
+
 Validation: with at least ``min_docs_for_doc_split`` documents, whole documents are held out by a
 hash of their id (no document is in both splits). A corpus of very few long documents (one book)
 is instead split by position: the last ``val_fraction`` of each document's tokens goes to
@@ -21,8 +31,9 @@ world size, so a run's record stays true when it is resized. ``batch_windows(b)`
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,7 +41,7 @@ import numpy as np
 import torch
 
 from llamalab.common import LlamalabError, Progress, read_json, sha256_file, write_json_atomic
-from llamalab.data.readers import Document
+from llamalab.data.readers import Document, ReadStats, read_documents
 from llamalab.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -42,6 +53,8 @@ class ShardWriterConfig:
     val_fraction: float = 0.01
     min_docs_for_doc_split: int = 20
     batch_docs: int = 256
+    piece_chars: int = 1 << 18  # longer documents are tokenized in pieces of about this many characters
+    batch_chars: int = 1 << 20  # characters per tokenizer call (bounds the tokenizer's working memory)
 
 
 class _ShardSink:
@@ -101,9 +114,119 @@ def _batched(it: Iterable[Document], n: int) -> Iterator[list[Document]]:
         yield buf
 
 
+def tokenizer_location(path: str | Path | None, out_dir: str | Path) -> dict[str, str | None]:
+    """The manifest's record of where the tokenizer is: its absolute ``path`` and its ``relative_path``
+    from the shard folder, so a run started from any folder (or after moving both) finds it."""
+    if path is None:
+        return {"path": None, "relative_path": None}
+    path = Path(path).resolve()
+    return {"path": str(path), "relative_path": os.path.relpath(path, Path(out_dir).resolve())}
+
+
+def space_mode(tokenizer) -> str:
+    """How to cut text between two words so that piece-wise ids equal whole-text ids:
+    ``"drop"``: the cut's space is left out and the next piece starts at the word (SentencePiece's
+    dummy prefix puts the space back); ``"keep"``: the next piece starts with the space (byte-level
+    BPE); ``"inexact"``: neither reproduces the probe, cuts keep the space and may change ids."""
+    left, right = "the quick brown fox", "jumps over the lazy dog"
+    whole = list(tokenizer.encode(f"{left} {right}"))
+    if list(tokenizer.encode(left)) + list(tokenizer.encode(right)) == whole:
+        return "drop"
+    if list(tokenizer.encode(left)) + list(tokenizer.encode(" " + right)) == whole:
+        return "keep"
+    return "inexact"
+
+
+def _cut(text: str, lo: int, target: int, hi: int) -> tuple[int, bool]:
+    """A cut position in ``text[lo:hi]`` near ``target``: a space between two non-space characters
+    (exact), else just after a newline, else ``target`` itself (both inexact)."""
+    i = target
+    while True:
+        i = text.rfind(" ", lo + 1, i)
+        if i < 0:
+            break
+        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i, True
+    i = target
+    while True:
+        i = text.find(" ", i + 1, hi)
+        if i < 0:
+            break
+        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+            return i, True
+    nl = text.rfind("\n", lo + 1, hi)
+    if nl >= 0:
+        return nl + 1, False
+    return target, False
+
+
+def split_for_encoding(text: str, piece_chars: int, mode: str) -> tuple[list[str], int]:
+    """``text`` cut into pieces of about ``piece_chars`` characters for piece-wise tokenization
+    (see :func:`space_mode`); returns the pieces and the number of inexact cuts."""
+    if len(text) <= piece_chars:
+        return [text], 0
+    pieces, inexact, a = [], 0, 0
+    while len(text) - a > piece_chars:
+        cut, exact = _cut(text, a, a + piece_chars, min(len(text), a + 2 * piece_chars))
+        inexact += not exact or mode == "inexact"
+        if exact:
+            pieces.append(text[a:cut])
+            a = cut + 1 if mode == "drop" else cut
+        else:
+            pieces.append(text[a:cut])
+            a = cut
+    pieces.append(text[a:])
+    return pieces, inexact
+
+
+@dataclass
+class _LongDocs:
+    documents: int = 0
+    pieces: int = 0
+    inexact_cuts: int = 0
+
+
+def _encode_texts(tokenizer, texts: list[str], cfg: ShardWriterConfig, mode: str, tally: _LongDocs) -> list[np.ndarray]:
+    """``BOS ids EOS`` per text (int32), long texts in pieces, at most ``batch_chars`` per call."""
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    group: list[tuple[int, str]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal group, size
+        if group:
+            for (i, _), ids in zip(group, tokenizer.encode_batch([p for _, p in group])):
+                parts[i].append(np.asarray(ids, dtype=np.int32))
+        group, size = [], 0
+
+    for i, text in enumerate(texts):
+        pieces, inexact = split_for_encoding(text, cfg.piece_chars, mode)
+        if len(pieces) > 1:
+            tally.documents += 1
+            tally.pieces += len(pieces)
+            tally.inexact_cuts += inexact
+        for piece in pieces:
+            if group and size + len(piece) > cfg.batch_chars:
+                flush()
+            group.append((i, piece))
+            size += len(piece)
+        del pieces
+    flush()
+    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    out = []
+    for i in range(len(texts)):
+        out.append(np.concatenate([np.asarray(bos, dtype=np.int32), *parts[i], np.asarray(eos, dtype=np.int32)]))
+        parts[i] = []
+    return out
+
+
 def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: str | Path,
-                 cfg: ShardWriterConfig | None = None, n_docs_hint: int | None = None) -> dict:
-    """Tokenize ``docs`` into train/val shards under ``out_dir``; returns (and writes) the manifest."""
+                 cfg: ShardWriterConfig | None = None, n_docs_hint: int | None = None,
+                 extra: dict | None = None) -> dict:
+    """Tokenize ``docs`` into train/val shards under ``out_dir``; returns (and writes) the manifest.
+
+    ``extra`` keys are added to the manifest (``data shard`` records the input it skipped there)."""
     cfg = cfg or ShardWriterConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,10 +240,11 @@ def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: str | 
     sources: Counter = Counter()
     bar = Progress(n_docs, "shard: tokenizing", unit="docs")
     n_bytes = 0
+    mode = space_mode(tokenizer)
+    long_docs = _LongDocs()
     for batch in _batched(docs, cfg.batch_docs):
-        ids_batch = tokenizer.encode_batch([d.text for d in batch], bos=True, eos=True)
-        for doc, ids in zip(batch, ids_batch):
-            arr = np.asarray(ids, dtype=np.int64)
+        ids_batch = _encode_texts(tokenizer, [d.text for d in batch], cfg, mode, long_docs)
+        for doc, arr in zip(batch, ids_batch):
             n_bytes += len(doc.text.encode("utf-8"))
             sources[doc.source] += len(arr)
             if cfg.val_fraction <= 0:
@@ -140,15 +264,35 @@ def write_shards(docs: Iterable[Document], tokenizer: Tokenizer, out_dir: str | 
         raise LlamalabError("the corpus produced no training tokens (every document went to validation?)")
     manifest = {
         "version": 1, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
-        "tokenizer": {"path": str(tokenizer.path), "sha256": tokenizer.sha256(), "bos_id": tokenizer.bos_id,
-                      "eos_id": tokenizer.eos_id},
+        "tokenizer": {**tokenizer_location(tokenizer.path, out), "sha256": tokenizer.sha256(),
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
         "val_split": ("documents by sha1(id)" if doc_split else "last fraction of each document's tokens")
         if cfg.val_fraction > 0 else "none",
         "val_fraction": cfg.val_fraction, "n_documents": n_docs, "n_bytes": n_bytes,
         "n_tokens": {"train": n_train, "val": n_val}, "tokens_by_source": dict(sources), "shards": shards,
     }
+    if long_docs.documents:
+        manifest["long_documents"] = {**asdict(long_docs), "piece_chars": cfg.piece_chars, "cut": mode}
+    manifest.update(extra or {})
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+def shard_files(inputs: list[str], tokenizer: Tokenizer, out_dir: str | Path, text_field: str = "text",
+                text_mode: str = "file", on_error: str = "raise", cfg: ShardWriterConfig | None = None,
+                max_doc_bytes: int = 0) -> tuple[dict, ReadStats]:
+    """``llamalab data shard``: read files (text / JSONL / Parquet), tokenize them into shards.
+    The manifest's ``skipped_input`` records what the reader skipped, by reason, with examples."""
+    stats = ReadStats()
+    docs = list(read_documents(inputs, text_field=text_field, text_mode=text_mode, on_error=on_error,
+                               stats=stats, max_doc_bytes=max_doc_bytes))
+    if not docs:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats.errors.items())) or "nothing"
+        raise LlamalabError(f"shard: no documents to shard in {stats.files} input file(s) "
+                            f"(skipped: {skipped}); check the input paths")
+    extra = {"skipped_input": {"reasons": dict(sorted(stats.errors.items())),
+                               "examples": list(stats.error_examples)}}
+    return write_shards(docs, tokenizer, out_dir, cfg, extra=extra), stats
 
 
 def manifest_hash(path: str | Path) -> str:

@@ -41,6 +41,7 @@ class EvalSettings:
     stride: int = 0  # perplexity window stride in tokens (0: the full context)
     timeout: float = 10.0  # seconds per sandboxed HumanEval program
     workers: int = 2  # parallel sandboxed programs
+    allow_unsandboxed: bool = False  # run HumanEval programs even where no OS isolation is available
     seed: int = 0
 
     def validate(self) -> None:
@@ -116,7 +117,7 @@ def eval_multiple_choice(model, tokenizer, task: Task, items: list[Item], pool: 
 
 def eval_perplexity(model, tokenizer, task: Task, items: list[Item], stride: int = 0) -> tuple[dict[str, float], list]:
     from llamalab.common import Progress
-    from llamalab.eval.loglik import PerplexityTotals, document_nll, model_logits_fn
+    from llamalab.eval.loglik import PerplexityTotals, document_nll, model_logits_fn, prefix_ids
 
     fn = model_logits_fn(model)
     L = model.cfg.max_seq_len
@@ -124,7 +125,7 @@ def eval_perplexity(model, tokenizer, task: Task, items: list[Item], stride: int
     bar = Progress(len(items), f"{task.name} perplexity", "doc")
     for it in items:
         text = it.fields["text"]
-        ids = tokenizer.encode(text, bos=True)
+        ids = prefix_ids(tokenizer) + tokenizer.encode(text)  # BOS (else EOS) first, never scored: lm-eval's rule
         nll, n = document_nll(fn, ids, L, stride or L)
         b, w = len(text.encode("utf-8")), len(text.split())
         tot.nll, tot.tokens, tot.bytes = tot.nll + nll, tot.tokens + n, tot.bytes + b
@@ -141,6 +142,10 @@ def eval_generative(model, tokenizer, task: Task, items: list[Item], pool: list[
     from llamalab.eval import generative as G
 
     max_new = settings.max_new_tokens or task.max_new_tokens
+    if task.kind == "humaneval":  # refuse before generating when the completions could not be run safely
+        from llamalab.eval.sandbox import require_isolation
+
+        require_isolation(settings.allow_unsandboxed)
     if sample_fn is None:
         sample_fn = G.model_sample_fn(model, tokenizer, max_new, task.until, settings.batch_size, settings.seed,
                                       settings.top_p)
@@ -155,7 +160,8 @@ def eval_generative(model, tokenizer, task: Task, items: list[Item], pool: list[
         metrics = with_stderr(recs, list(metrics))
     else:
         ks = [k for k in (1, 10, 100) if k <= settings.num_samples]
-        metrics, recs = G.score_humaneval([it.fields for it in items], comps, ks, settings.timeout, settings.workers)
+        metrics, recs = G.score_humaneval([it.fields for it in items], comps, ks, settings.timeout, settings.workers,
+                                           allow_unsandboxed=settings.allow_unsandboxed)
         metrics = with_stderr(recs, list(metrics))
     for it, r in zip(items, recs):
         r.setdefault("id", it.id)

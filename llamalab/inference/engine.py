@@ -15,6 +15,12 @@ stream never shows a stop string and streaming text equals non-streaming text.
 
 ``generate`` and ``stream`` are the simple front doors; the server drives ``add``/``step`` from
 its own thread.
+
+A failure is confined to the request that caused it: an exception while admitting one request
+(prefill), sampling its row or detokenising its token ends that request alone with
+``finish_reason="error"`` (and ``Delta.error``), and the others go on untouched. Only a failure of the
+batched decode forward itself, which belongs to no single request, ends the requests in that batch;
+waiting requests and the engine survive it.
 """
 
 from __future__ import annotations
@@ -65,8 +71,9 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on a request's first delta, when asked
+    error: str | None = None  # with finish_reason "error": what failed
 
 
 @dataclass
@@ -141,6 +148,7 @@ class _Seq:
     emitted: int = 0
     pending: int = -1  # sampled, not yet fed to the model
     finish_reason: str | None = None
+    error: str | None = None
 
 
 class Engine:
@@ -164,7 +172,8 @@ class Engine:
         self.waiting: list[_Seq] = []
         self.active: list[_Seq] = []  # active[i] lives in runner slot i
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0, "decode_steps": 0}
+        self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "requests": 0, "decode_steps": 0,
+                      "aborted": 0, "failed": 0}
 
     @classmethod
     def from_folder(cls, folder: str | Path, slots: int = 8, quantize: str = "none", compile: bool = False,
@@ -204,10 +213,13 @@ class Engine:
         return rid
 
     def abort(self, request_id: str) -> None:
+        n = len(self.waiting)
         self.waiting = [s for s in self.waiting if s.rid != request_id]
+        self.stats["aborted"] += n - len(self.waiting)
         for s in self.active:
             if s.rid == request_id and s.finish_reason is None:
                 s.finish_reason = "abort"
+                self.stats["aborted"] += 1
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.active)
@@ -219,17 +231,32 @@ class Engine:
         deltas: list[Delta] = []
         while self.waiting and len(self.active) < self.slots:
             seq = self.waiting.pop(0)
-            deltas.append(self._admit(seq))
+            try:
+                deltas.append(self._admit(seq))
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                deltas.append(self._fail(seq, e))
         self._retire()
         live = [s for s in self.active if s.pending >= 0]
         if live:
             n = len(self.active)
             tokens = torch.tensor([s.pending for s in self.active], dtype=torch.long, device=self.runner.device)
-            logits = self.runner.decode(tokens)
+            try:
+                logits = self.runner.decode(tokens)
+            except Exception as e:  # noqa: BLE001 - the batched forward belongs to every request in it
+                deltas.extend(self._fail(s, e) for s in self.active if s.finish_reason is None)
+                self._retire()
+                return deltas
             self.stats["decode_steps"] += 1
             deltas.extend(self._sample_and_emit(self.active[:n], logits))
             self._retire()
         return deltas
+
+    def _fail(self, seq: _Seq, e: Exception) -> Delta:
+        """End one request with finish_reason "error" (its slot is freed by the next ``_retire``)."""
+        seq.finish_reason, seq.pending = "error", -1
+        seq.error = str(e) if isinstance(e, LlamalabError) else f"{type(e).__name__}: {e}"
+        self.stats["failed"] += 1
+        return Delta(seq.rid, "", [], [], True, "error", error=seq.error)
 
     def _admit(self, seq: _Seq) -> Delta:
         slot = len(self.active)
@@ -266,11 +293,24 @@ class Engine:
         params = [s.params for s in seqs]
         counts = self.counts[slot0:slot0 + n]
         seen = self.prompt_seen[slot0:slot0 + n]
-        chosen = choose(logits, params, [s.gen for s in seqs], counts, seen)
-        lps = top_logprobs(logits, chosen, [p.logprobs for p in params])
-        if any(p.penalised for p in params):
-            counts[torch.arange(n, device=counts.device), torch.tensor(chosen, device=counts.device)] += 1
-        return [self._emit(s, t, lp) for s, t, lp in zip(seqs, chosen, lps)]
+        failed: dict[int, Exception] = {}
+        chosen = choose(logits, params, [s.gen for s in seqs], counts, seen, on_error=failed.__setitem__)
+        safe = [max(t, 0) for t in chosen]
+        lps = top_logprobs(logits, safe, [None if i in failed else p.logprobs for i, p in enumerate(params)])
+        rows = [i for i, p in enumerate(params) if p.penalised and i not in failed]
+        if rows:
+            counts[torch.tensor(rows, device=counts.device), torch.tensor([chosen[i] for i in rows],
+                                                                          device=counts.device)] += 1
+        out = []
+        for i, (s, t, lp) in enumerate(zip(seqs, chosen, lps)):
+            if i in failed:
+                out.append(self._fail(s, failed[i]))
+                continue
+            try:
+                out.append(self._emit(s, t, lp))
+            except Exception as e:  # noqa: BLE001 - e.g. the detokeniser: this request fails alone
+                out.append(self._fail(s, e))
+        return out
 
     def _emit(self, seq: _Seq, token: int, lp: tuple[float, list[tuple[int, float]]] | None) -> Delta:
         p = seq.params
@@ -332,7 +372,8 @@ class Engine:
                       seq.logprobs if seq.params.logprobs is not None else None, seq.prompt_logprobs,
                       time.perf_counter() - seq.t0)
 
-    def encode(self, prompt: str | Sequence[int], bos: bool = True) -> list[int]:
+    def encode(self, prompt: str | Sequence[int], bos: bool | None = None) -> list[int]:
+        bos = getattr(self.tokenizer, "add_bos", True) if bos is None else bos  # the tokenizer's own BOS rule
         return self.tokenizer.encode(prompt, bos=bos) if isinstance(prompt, str) else [int(i) for i in prompt]
 
     def generate(self, prompts: Sequence[str | Sequence[int]],

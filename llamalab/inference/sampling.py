@@ -11,11 +11,19 @@ frequency penalties (generated tokens only), temperature, top-k, top-p (nucleus,
 2020, keeping at least one token), then a draw. Log-probabilities reported to the caller are those
 of the model's own distribution (log-softmax of the raw logits, before any of the above), which is
 what scoring harnesses expect.
+
+Numerical safety: every accepted value samples without NaN. A sampled row is processed in float64
+(a float32 ``1e-300`` is 0), the logits are shifted so that their maximum is 0 *before* dividing by
+the temperature (so a tiny temperature sends the others to ``-inf`` and the best stays 0: the greedy
+limit, ties shared), and a penalty that overflows is clamped to the largest finite value. A row whose
+logits are NaN (a broken model) raises :class:`LlamalabError` for that row only; ``choose`` reports
+such a row through ``on_error`` instead of failing the whole batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -78,45 +86,75 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 def apply_penalties(logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor,
                     prompt_seen: torch.Tensor) -> torch.Tensor:
-    """One row: logits (V,), counts (V,) of generated tokens, prompt_seen (V,) bool."""
+    """One row: logits (V,), counts (V,) of generated tokens, prompt_seen (V,) bool (float64 out)."""
+    logits = logits.double()
     if p.repetition_penalty != 1.0:
         seen = prompt_seen | (counts > 0)
         pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
         logits = torch.where(seen, pen, logits)
     if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
-        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+        c = counts.double()
+        logits = logits - p.frequency_penalty * c - p.presence_penalty * (c > 0).double()
     return logits
+
+
+def row_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution one row is drawn from (float64, sums to 1): temperature, top-k, top-p.
+
+    Safe for every accepted value (see the module docstring); raises LlamalabError on NaN logits.
+    """
+    x = logits.double()
+    if bool(torch.isnan(x).any()):
+        raise LlamalabError("sampling: the model produced NaN logits")
+    x = x.clamp(max=torch.finfo(torch.float64).max)  # an overflowing penalty: +inf -> largest finite
+    top = x.max()
+    if not bool(torch.isfinite(top)):
+        raise LlamalabError("sampling: every logit is -inf")
+    x = (x - top) / p.temperature  # <= 0; the best token(s) stay exactly 0 for any temperature > 0
+    if 0 < p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, idx = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= p.top_p  # mass before this token already >= top_p (never the first)
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(0, idx, sorted_x)
+    return x.softmax(-1)
 
 
 def sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
     """Temperature, top-k, top-p and a draw for one row of (already penalised) logits (V,)."""
     if p.greedy:
+        if bool(torch.isnan(logits).any()):
+            raise LlamalabError("sampling: the model produced NaN logits")
         return int(logits.argmax())
-    logits = logits / p.temperature
-    if 0 < p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= p.top_p  # mass before this token already >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return int(torch.multinomial(row_probs(logits, p), 1, generator=gen))
 
 
 def choose(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator],
-           counts: torch.Tensor, prompt_seen: torch.Tensor) -> list[int]:
-    """Next token of each row: logits (n, V); counts / prompt_seen (n, V) for penalties."""
-    if all(p.greedy and not p.penalised for p in params):
+           counts: torch.Tensor, prompt_seen: torch.Tensor,
+           on_error: Callable[[int, Exception], None] | None = None) -> list[int]:
+    """Next token of each row: logits (n, V); counts / prompt_seen (n, V) for penalties.
+
+    With ``on_error``, a row that fails calls ``on_error(row, exception)`` and gets token -1; the
+    other rows are sampled as if it were not there (each row has its own generator). Without it the
+    exception propagates.
+    """
+    if all(p.greedy and not p.penalised for p in params) and not bool(torch.isnan(logits).any()):
         return logits.argmax(-1).tolist()
     out = []
     for i, p in enumerate(params):
-        row = logits[i]
-        if p.penalised:
-            row = apply_penalties(row, p, counts[i], prompt_seen[i])
-        out.append(sample_row(row, p, gens[i]))
+        try:
+            row = logits[i]
+            if p.penalised:
+                row = apply_penalties(row, p, counts[i], prompt_seen[i])
+            out.append(sample_row(row, p, gens[i]))
+        except Exception as e:  # noqa: BLE001 - reported per row; the batch goes on
+            if on_error is None:
+                raise
+            on_error(i, e)
+            out.append(-1)
     return out
 
 

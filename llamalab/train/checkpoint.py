@@ -22,7 +22,10 @@ so this only matters to code that does.
 
 A checkpoint is written under ``step_000100.tmp-<pid>`` and renamed when complete; a folder
 without a valid ``checksums.json`` (a crash mid-write, a truncated copy) is skipped on resume for
-the newest one that verifies, with a message. All checkpoints are kept by default (LLM360).
+the newest one that verifies, with a message. The ``.tmp-<pid>`` leftovers of a crash are deleted
+when the next invocation starts (:func:`remove_partial_writes`). All checkpoints are kept by
+default (LLM360). When the schedule completes, the last checkpoint's model is published as the
+run's ``model/`` (:func:`publish_model`: weights hard-linked, small files copied).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -56,6 +60,8 @@ from llamalab.train.fsdp import is_sharded
 
 CHECKSUMS = "checksums.json"  # as in a model folder (llamalab.model.folder)
 MODEL_DIR = "model"  # the checkpoint's model folder
+PARTIAL_RE = re.compile(r"\.(tmp|old)-\d+$")  # an unfinished atomic write (save_checkpoint, save_model, publish_model)
+CORRUPT_SUFFIX = ".corrupt"  # a checkpoint set aside by a restart from scratch (kept as evidence)
 
 
 @dataclass
@@ -348,6 +354,70 @@ def _load_weights_and_optimizer(folder: Path, model: torch.nn.Module, optimizer:
         load_into(model, {k: v.to(next(model.parameters()).device) for k, v in sd.items()}, str(folder / MODEL_DIR))
         if optimizer is not None:
             load_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), meta["optimizer"])
+
+
+def remove_partial_writes(*folders: str | Path) -> list[str]:
+    """Delete the ``*.tmp-<pid>`` / ``*.old-<pid>`` folders directly under ``folders``: what a process
+    killed inside an atomic write left behind. Call it before this invocation writes anything;
+    returns the paths removed. NOTE: assumes no other process writes into the same run folder."""
+    removed = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if PARTIAL_RE.search(p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(str(p))
+    return removed
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint that failed verification to ``step_N.corrupt`` (``.corrupt-2`` ...), out of
+    the step listing (resume, sweeps, keep-last) but kept for inspection; returns the new path."""
+    dst = folder.with_name(folder.name + CORRUPT_SUFFIX)
+    n = 1
+    while dst.exists():
+        n += 1
+        dst = folder.with_name(f"{folder.name}{CORRUPT_SUFFIX}-{n}")
+    folder.rename(dst)
+    return dst
+
+
+def publish_model(checkpoint: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` (a run's ``model/``) a copy of ``checkpoint``'s model folder, atomically.
+
+    The weights are hard-linked (no second copy on disk; a checkpoint is never modified in place)
+    where the filesystem allows, else copied; the small files (config.json, tokenizer, checksums)
+    are copied so that editing the published config cannot corrupt the checkpoint."""
+    src, dst = Path(checkpoint) / MODEL_DIR, Path(dst)
+    if not (src / "config.json").exists():
+        raise LlamalabError(f"{src}: no model folder to publish (no config.json)")
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".safetensors":
+            try:
+                os.link(f, tmp / f.name)
+                continue
+            except OSError:  # another filesystem, or no hard links: copy
+                pass
+        shutil.copy2(f, tmp / f.name)
+    verify_checksums(tmp)
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+    return dst
 
 
 def checkpoint_summary(folder: Path) -> dict[str, Any]:

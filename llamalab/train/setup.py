@@ -129,18 +129,48 @@ def make_grad_scaler(device: torch.device, dtype: torch.dtype, strategy: str) ->
     return torch.amp.GradScaler(device.type)
 
 
-def copy_tokenizer(run: RunDir, manifest: dict[str, Any], stage: str = "pretrain") -> Path | None:
-    """Copy the tokenizer the shards were made with into the run (checked against the manifest's
-    sha256); None, with a warning, when the file the manifest names is gone."""
-    src = Path(manifest["tokenizer"]["path"])
+def find_tokenizer(manifest: dict[str, Any], data_root: str | Path | None = None) -> Path | None:
+    """The tokenizer file the shards were made with: the manifest's absolute ``path``, else its
+    ``relative_path`` from the shard folder, else a file of that name in the shard folder; the first
+    whose sha256 matches the manifest's. None when none exists; an error when only other files exist."""
+    tok = manifest.get("tokenizer") or {}
+    want = tok.get("sha256")
+    candidates: list[Path] = []
+    if tok.get("path"):
+        candidates.append(Path(tok["path"]))
+    if data_root is not None:
+        root = Path(data_root)
+        if tok.get("relative_path"):
+            candidates.append(root / tok["relative_path"])
+        if tok.get("path"):
+            candidates.append(root / Path(tok["path"]).name)
+    mismatched = []
+    for c in dict.fromkeys(candidates):  # in order, each once
+        if not c.is_file():
+            continue
+        if want is None or sha256_file(c) == want:
+            return c
+        mismatched.append(str(c))
+    if mismatched:
+        raise LlamalabError(f"{', '.join(mismatched)}: tokenizer differs from the one the shards were made with "
+                            f"(sha256 {want})")
+    return None
+
+
+def copy_tokenizer(run: RunDir, manifest: dict[str, Any], stage: str = "pretrain",
+                   data_root: str | Path | None = None) -> Path | None:
+    """Copy the tokenizer the shards were made with into the run (:func:`find_tokenizer`, checked
+    against the manifest's sha256); None, with a warning, when the file the manifest names is gone."""
     dst = run.tokenizer_dir / TOKENIZER_FILE
     if dst.exists():
         return dst
-    if not src.exists():
-        print0(f"{stage}: tokenizer {src} named by the manifest is not found; checkpoints will not carry it")
+    src = find_tokenizer(manifest, data_root)
+    if src is None:
+        tok = manifest.get("tokenizer") or {}
+        print0(f"{stage}: tokenizer {tok.get('path')} named by the manifest is not found (nor "
+               f"{tok.get('relative_path') or 'a copy'} from {data_root or 'the shard folder'}); "
+               f"checkpoints will not carry it")
         return None
-    if sha256_file(src) != manifest["tokenizer"]["sha256"]:
-        raise LlamalabError(f"{src}: tokenizer differs from the one the shards were made with (sha256)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     return dst

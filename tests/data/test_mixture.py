@@ -117,3 +117,69 @@ def test_weights_and_renames_for_the_mix_command():
     assert source_sizes(renamed) == {"commoncrawl": 6}  # UTF-8 bytes, not characters
     with pytest.raises(LlamalabError, match="--rename: no source 'wiki' in the data"):
         rename_sources(renamed, {"wiki": "wikipedia"})
+
+
+@pytest.fixture(scope="module")
+def small_clean_corpus(tmp_path_factory, botchan_text, botchan_paragraphs, wiki_texts):
+    """Like the issue's corpus: many small web pages, some articles, and one whole book."""
+    d = tmp_path_factory.mktemp("small")
+    return _clean_out(d, {
+        "web": [Document(f"p{i}", t, "web", f"b:{i}") for i, t in enumerate(botchan_paragraphs)],
+        "wikipedia": [Document(f"w{i}", t, "wikipedia", f"w:{i}") for i, t in enumerate(wiki_texts)],
+        "books": [Document("botchan", botchan_text, "books", "botchan.txt:1")]})
+
+
+def test_llama_preset_on_a_small_corpus_says_what_bounds_it_and_warns(small_clean_corpus, tmp_path, capsys):
+    rec = main(Config(inputs=[str(small_clean_corpus)], preset="llama", rename={"web": "commoncrawl"},
+                      allow_missing=True, output=str(tmp_path / "m")))
+    out = capsys.readouterr().out
+    sizes = {n: s["size_bytes"] for n, s in rec["sources"].items()}
+    weights = {n: s["weight"] for n, s in rec["sources"].items()}
+    epochs = {n: s["max_epochs"] for n, s in rec["sources"].items()}
+    bound = min(sizes, key=lambda n: sizes[n] * epochs[n] / weights[n])  # the definition, recomputed
+    assert rec["bound_by"] == bound == "commoncrawl"
+    assert "mix: the stream is bounded by commoncrawl" in out
+    # the one book is larger than twice its byte budget: it gets nothing, and the user hears of it
+    assert rec["actual_bytes"].get("books", 0) == 0
+    assert rec["sources"]["books"]["smallest_doc_bytes"] > 2 * rec["sources"]["books"]["planned_bytes"]
+    [warning] = [w for w in rec["warnings"] if "books" in w]
+    assert "books got 0.000 of the stream, planned 0.059" in warning and "--size-by largest" in warning
+    assert warning in out
+    assert json.loads((tmp_path / "m" / "mixture.json").read_text())["warnings"] == rec["warnings"]
+
+
+def test_size_by_largest_repeats_small_sources_up_to_the_cap(small_clean_corpus, tmp_path, capsys):
+    rec = main(Config(inputs=[str(small_clean_corpus)], preset="llama", rename={"web": "commoncrawl"},
+                      allow_missing=True, size_by="largest", max_epochs=4, output=str(tmp_path / "m")))
+    out = capsys.readouterr().out
+    src = rec["sources"]
+    room = {n: s["size_bytes"] / s["weight"] for n, s in src.items()}
+    assert rec["bound_by"] == max(room, key=room.get) == "wikipedia"
+    assert src["wikipedia"]["passes"] == pytest.approx(1.0)  # the largest source for its weight, read once
+    target = src["wikipedia"]["size_bytes"] / src["wikipedia"]["weight"]
+    for n in ("commoncrawl", "books"):  # both would need over 4 passes for their weight: capped
+        assert src[n]["weight"] * target > 4 * src[n]["size_bytes"] and src[n]["passes"] == pytest.approx(4.0)
+    assert sum(s["share"] for s in src.values()) == pytest.approx(1.0)
+    rows = jsonl_rows(tmp_path / "m" / "mixed.jsonl")
+    total = sum(len(r["text"].encode()) for r in rows)
+    for n, s in src.items():  # what the plan promised is what the stream holds
+        got = sum(len(r["text"].encode()) for r in rows if r["source"] == n)
+        assert got / total == pytest.approx(s["share"], abs=0.02)
+        assert max(r["epoch"] for r in rows if r["source"] == n) + 1 == round(s["passes"])
+    assert rec["actual_bytes"]["books"] == 4 * src["books"]["size_bytes"]  # the book, 4 times
+    # commoncrawl, capped at 4 passes of 0.25 MB, is far under its 0.88: said, with the way out
+    assert rec["warnings"] == ["mix: warning: commoncrawl got 0.297 of the stream, planned 0.882: its 0.25 MB "
+                               "may be read only 4 times; raise --max-epochs"]
+    assert "mix: sized by the largest source for its weight, wikipedia" in out
+    assert "planned  actual" in out  # the achieved-vs-planned table
+
+
+def test_plan_size_by_checks():
+    with pytest.raises(LlamalabError, match="size_by must be one of"):
+        plan_mixture({"a": 1}, {"a": SourceWeight(1.0)}, size_by="median")
+    with pytest.raises(LlamalabError, match="max_epochs"):
+        plan_mixture({"a": 1}, {"a": SourceWeight(1.0)}, max_epochs=-1)
+    # max_epochs replaces each source's own cap in the default mode too
+    plan = plan_mixture({"a": 100, "b": 1000}, {"a": SourceWeight(0.5, 1.0), "b": SourceWeight(0.5, 1.0)},
+                        max_epochs=3)
+    assert plan.bound_by == "a" and plan.total_bytes == pytest.approx(600) and plan.sources["a"]["passes"] == 3.0

@@ -83,7 +83,8 @@ def test_humaneval_pass_at_k_with_scripted_completions():
     comps = [[p["canonical_solution"] if ok else bad for ok in pattern]
              for p, pattern in zip(problems, [[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])]
     comps[1][0] = "    import os\n    os.remove('/etc/hostname')\n"  # blocked, counts as a failure
-    metrics, recs = score_humaneval(problems, comps, ks=(1, 4), timeout=10, workers=2)
+    # OS isolation where available; unsandboxed (scripted, benign programs) only where it is not
+    metrics, recs = score_humaneval(problems, comps, ks=(1, 4), timeout=10, workers=2, allow_unsandboxed=True)
     assert [r["correct"] for r in recs] == [2, 0, 4]
     assert recs[1]["results"][0]["status"] == "blocked"
     assert metrics["pass@1"] == pytest.approx((0.5 + 0 + 1) / 3)

@@ -32,7 +32,8 @@ class Config(CleanSettings):
     """The run's sources and executor; every cleaning setting is inherited from CleanSettings."""
 
     spec: str = field(default="", metadata={"positional": True, "help": "JSON file: {'sources': [...], settings...}"})
-    inputs: list[str] = field(default_factory=list, metadata={"help": "one source's files/folders (without CONFIG)"})
+    inputs: list[str] = field(default_factory=list, metadata={"nargs": "+",
+                                                              "help": "one source's files/folders (without CONFIG)"})
     kind: str = field(default="text", metadata={"choices": list(KINDS), "help": "cleaner for --inputs"})
     source_name: str = field(default="", metadata={"help": "source name for --inputs (default: the kind)"})
     text_field: str = "text"

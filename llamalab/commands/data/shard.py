@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamalab.common import print0
-from llamalab.data.readers import ReadStats, read_documents
-from llamalab.data.shards import MANIFEST, ShardWriterConfig, write_shards
+from llamalab.data.shards import MANIFEST, ShardWriterConfig, shard_files
 from llamalab.tokenizer import Tokenizer
 
 
@@ -21,19 +20,19 @@ class Config:
     text_mode: str = field(default="file", metadata={"choices": ["file", "paragraphs", "lines"],
                                                      "help": "plain text: one document per file, paragraph or line"})
     on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
-                                                     "help": "bad lines: stop with file:line, or count and skip"})
+                                                     "help": "bad input: stop with file:line, or count and skip"})
+    max_doc_bytes: int = field(default=0, metadata={"help": "skip documents larger than this (0: no limit); "
+                                                            "long ones are tokenized in pieces either way"})
     shard_tokens: int = 50_000_000
     val_fraction: float = 0.01
 
 
 def main(cfg: Config) -> dict:
     tok = Tokenizer(cfg.tokenizer)
-    stats = ReadStats()
-    docs = list(read_documents(cfg.inputs, text_field=cfg.text_field, text_mode=cfg.text_mode,
-                               on_error=cfg.on_error, stats=stats))
-    manifest = write_shards(docs, tok, cfg.output, ShardWriterConfig(cfg.shard_tokens, cfg.val_fraction))
-    errors = ", ".join(f"{k}: {v}" for k, v in stats.errors.items()) or "none"
-    print0(f"shard: {stats.files} files, {len(docs):,} documents, {stats.bytes / 1e6:.2f} MB -> "
+    manifest, stats = shard_files(cfg.inputs, tok, cfg.output, cfg.text_field, cfg.text_mode, cfg.on_error,
+                                  ShardWriterConfig(cfg.shard_tokens, cfg.val_fraction), cfg.max_doc_bytes)
+    errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats.errors.items())) or "none"
+    print0(f"shard: {stats.files} files, {manifest['n_documents']:,} documents, {stats.bytes / 1e6:.2f} MB -> "
            f"{manifest['n_tokens']['train']:,} train + {manifest['n_tokens']['val']:,} val tokens in "
            f"{len(manifest['shards'])} shards ({manifest['dtype']}) at {Path(cfg.output) / MANIFEST} | "
            f"skipped input: {errors}")

@@ -39,6 +39,9 @@ class Config:
     stride: int = field(default=0, metadata={"help": "perplexity window stride in tokens (0: the full context)"})
     timeout: float = field(default=10.0, metadata={"help": "seconds per sandboxed HumanEval program"})
     workers: int = field(default=2, metadata={"help": "parallel sandboxed programs"})
+    allow_unsandboxed: bool = field(default=False, metadata={
+        "help": "run HumanEval programs without OS isolation where namespaces are unavailable (unsafe; "
+                "or LLAMALAB_ALLOW_UNSANDBOXED=1)"})
     output: str = field(default="eval-results", metadata={"help": "folder for <task>.json results ('' = none)"})
     device: str = "auto"
     dtype: str = "auto"
@@ -48,7 +51,7 @@ class Config:
         return EvalSettings(num_fewshot=self.num_fewshot, limit=self.limit, batch_size=self.batch_size,
                             num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,
                             max_new_tokens=self.max_new_tokens, stride=self.stride, timeout=self.timeout,
-                            workers=self.workers, seed=self.seed)
+                            workers=self.workers, allow_unsandboxed=self.allow_unsandboxed, seed=self.seed)
 
     def validate(self) -> None:
         if not self.model:

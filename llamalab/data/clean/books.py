@@ -11,6 +11,7 @@ import re
 
 from llamalab.data.clean import CleanResult, drop
 from llamalab.data.dedup import NearDupIndex
+from llamalab.data.filters import count_words
 
 _START = re.compile(r"^\*{3}\s*START OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
 _END = re.compile(r"^\*{3}\s*END OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
@@ -31,7 +32,7 @@ def clean_book(text: str, min_words: int = 1000) -> CleanResult:
     body, removed = strip_gutenberg(text.lstrip("\ufeff"))
     res = CleanResult(body)
     res.add_lines("books:gutenberg_boilerplate", removed)
-    if len(body.split()) < min_words:
+    if count_words(body, min_words) < min_words:
         return drop("books:too_short", res)
     return res
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -87,7 +88,10 @@ class CleanSettings:
     drop_buckets: list[str] = field(default_factory=lambda: ["tail"])
     min_reference_score: float = 0.5
     eval_files: list[str] = field(default_factory=list, metadata={"help": "evaluation sets to decontaminate against"})
-    decontam: str = field(default="drop", metadata={"choices": ["drop", "flag", "off"]})
+    decontam: str = field(default="remove", metadata={
+        "choices": ["remove", "drop", "flag", "off"],
+        "help": "eval overlap: remove the paragraphs that match (keep the rest), drop the whole document, "
+                "flag it, or off"})
     decontam_n: int = 13
     exact_dedup: bool = True
     near_dup: bool = True
@@ -98,6 +102,8 @@ class CleanSettings:
     on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
                                                      "help": "bad input lines: stop with file:line, or count them"})
     max_docs: int = 0  # per multi-document file (JSONL, dump), 0 = all: smoke runs
+    max_doc_bytes: int = field(default=0, metadata={
+        "help": "drop documents larger than this many bytes as too_long, never reading them whole (0: no limit)"})
 
     @classmethod
     def pick(cls, obj: object) -> "CleanSettings":
@@ -121,19 +127,38 @@ def _files(spec: SourceSpec) -> list[Path]:
     return files
 
 
-def read_source(spec: SourceSpec, files: list[Path], on_error: str, stats: ReadStats) -> Iterator[Document]:
-    """The documents of a source's files: a dump reader for wiki and Stack Exchange, else by suffix."""
+def read_source(spec: SourceSpec, files: list[Path], on_error: str, stats: ReadStats,
+                max_doc_bytes: int = 0) -> Iterator[Document]:
+    """The documents of a source's files: a dump reader for wiki and Stack Exchange, else by suffix.
+
+    A dump that is truncated or not a dump stops with one line naming it, or with ``on_error="skip"``
+    is counted (``truncated_file`` / ``unreadable_file``) after the pages read before the damage."""
     if spec.kind == "wiki":
         from llamalab.data.clean.wiki import read_dump as read_file
     elif spec.kind == "stackexchange":
         from llamalab.data.clean.stackexchange import read_threads as read_file
     else:
-        yield from read_documents(files, spec.name, spec.text_field, spec.text_mode, on_error, stats)
+        yield from read_documents(files, spec.name, spec.text_field, spec.text_mode, on_error, stats, max_doc_bytes)
         return
     for f in files:
         stats.files += 1
         stats.bytes += f.stat().st_size
-        yield from read_file(f, spec.name)
+        try:
+            for doc in read_file(f, spec.name):
+                if max_doc_bytes and len(doc.text) > max_doc_bytes // 4 and _text_bytes(doc) > max_doc_bytes:
+                    stats.add_error("too_long", doc.provenance)
+                    continue
+                yield doc
+        except (EOFError, OSError, zlib.error) as e:
+            reason = "truncated_file" if isinstance(e, EOFError) else "unreadable_file"
+            if on_error != "skip":
+                raise LlamalabError(f"{f}: {'truncated' if reason == 'truncated_file' else 'unreadable'} "
+                                    f"{spec.kind} dump ({e}); use on_error=skip to count and skip it") from None
+            stats.add_error(reason, str(f))
+        except LlamalabError:
+            if on_error != "skip":
+                raise
+            stats.add_error("unreadable_file", str(f))
 
 
 def _multi_doc(spec: SourceSpec, f: Path) -> bool:
@@ -151,7 +176,7 @@ def plan_shards(sources: list[SourceSpec], s: CleanSettings) -> list[dict]:
             shards.append({"source": spec.name, "files": [str(f) for f in single[k:k + s.files_per_shard]],
                            "start": 0, "end": -1})
         for f in (f for f in files if _multi_doc(spec, f)):
-            n = sum(1 for _ in read_source(spec, [f], "skip", ReadStats()))
+            n = sum(1 for _ in read_source(spec, [f], "skip", ReadStats(), s.max_doc_bytes))
             if s.max_docs:
                 n = min(n, s.max_docs)
             for a in range(0, max(n, 1), s.shard_docs):
@@ -164,7 +189,8 @@ def plan_shards(sources: list[SourceSpec], s: CleanSettings) -> list[dict]:
     return shards
 
 
-def shard_documents(spec: SourceSpec, shard: dict, on_error: str, ledger: Ledger) -> Iterator[Document]:
+def shard_documents(spec: SourceSpec, shard: dict, on_error: str, ledger: Ledger,
+                    max_doc_bytes: int = 0) -> Iterator[Document]:
     """The shard's documents. A read error (counted under stage "read") belongs to the shard that
     holds the next good document, or to the file's last shard, so each is counted exactly once."""
     from collections import Counter
@@ -172,7 +198,7 @@ def shard_documents(spec: SourceSpec, shard: dict, on_error: str, ledger: Ledger
     stats = ReadStats()
     seen: Counter = Counter()
     start, end = shard["start"], shard["end"]
-    for i, doc in enumerate(read_source(spec, [Path(f) for f in shard["files"]], on_error, stats)):
+    for i, doc in enumerate(read_source(spec, [Path(f) for f in shard["files"]], on_error, stats, max_doc_bytes)):
         if end != -1 and i >= end:
             return
         if i >= start:
@@ -222,7 +248,7 @@ def fit_models(sources: list[SourceSpec], shards: list[dict], s: CleanSettings, 
         if sh["source"] not in webs or len(calib) >= s.calib_docs:
             continue
         spec = next(sp for sp in sources if sp.name == sh["source"])
-        for d in shard_documents(spec, sh, "skip", Ledger()):
+        for d in shard_documents(spec, sh, "skip", Ledger(), s.max_doc_bytes):
             text, _ = filters.c4_lines(d.text)
             if len(text.split()) >= 20:
                 calib.append(text)
@@ -259,7 +285,8 @@ def _cached(key: str, build):
 def hashes_task(task: dict) -> dict:
     spec = SourceSpec(**task["spec"])
     out = Path(task["out"]) / "hashes" / f"{task['shard']['name']}.npy"
-    hs = shard_line_hashes(d.text for d in shard_documents(spec, task["shard"], "skip", Ledger()))
+    max_doc_bytes = task.get("max_doc_bytes", 0)
+    hs = shard_line_hashes(d.text for d in shard_documents(spec, task["shard"], "skip", Ledger(), max_doc_bytes))
     arr = np.array(sorted(hs), dtype=np.uint64)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npy")
@@ -335,6 +362,41 @@ def _context(task: dict, spec: SourceSpec, s: CleanSettings) -> dict:
     return ctx
 
 
+def _decontaminate(dc: Decontaminator, mode: str, doc_id: str, res: CleanResult, meta: dict, led: Ledger) -> bool:
+    """Apply decontamination ``mode`` to a cleaned document; False when the document is dropped.
+
+    ``remove`` cuts the paragraphs eval n-grams overlap (a document left empty is dropped),
+    ``drop`` drops the document at its first matching n-gram, ``flag`` keeps it marked."""
+    if mode == "drop":
+        hit = dc.match(res.text)
+        if hit:
+            led.drop_doc("decontam", hit, doc_id, res.text)
+            return False
+        return True
+    if mode == "flag":
+        _, found = dc.find(res.text)
+        if found:
+            led.flag("decontam", found[0].eval_file, doc_id, res.text)
+            meta["contaminated"] = found[0].eval_file
+            meta["contamination"] = [{"eval": c.item, "ngram": c.ngram} for c in found]
+            for c in found:
+                led.decontam(doc_id, c.eval_file, {"eval": c.item, "ngram": c.ngram, "ngrams": c.ngrams}, "flagged")
+        return True
+    text, records = dc.remove(res.text)
+    if not records:
+        return True
+    if not text.strip():
+        for r in records:
+            led.decontam(doc_id, r["eval"].rsplit(":", 1)[0], r, "document_dropped")
+        led.drop_doc("decontam", records[0]["eval"].rsplit(":", 1)[0], doc_id, res.text)
+        return False
+    for r in records:
+        led.decontam(doc_id, r["eval"].rsplit(":", 1)[0], r, "removed")
+    res.text = text
+    meta["decontaminated"] = [{k: r[k] for k in ("eval", "ngram", "chars_removed")} for r in records]
+    return True
+
+
 def clean_task(task: dict) -> dict:
     """Clean one shard: write ``stage1/<name>.jsonl``; return its ledger as a dict."""
     spec, s, shard = SourceSpec(**task["spec"]), CleanSettings(**task["settings"]), task["shard"]
@@ -346,7 +408,7 @@ def clean_task(task: dict) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for doc in shard_documents(spec, shard, s.on_error, led):
+        for doc in shard_documents(spec, shard, s.on_error, led, s.max_doc_bytes):
             led.read += 1
             led.bytes_read += _text_bytes(doc)  # text bytes: compressed inputs compare fairly
             res = _clean_one(spec.kind, doc, shard["index"], ctx)
@@ -356,14 +418,8 @@ def clean_task(task: dict) -> dict:
                 led.drop_doc("clean", res.reason or "unknown", doc.id, doc.text)
                 continue
             meta = dict(res.meta)
-            if "decontam" in ctx:
-                hit = ctx["decontam"].match(res.text)
-                if hit and s.decontam == "drop":
-                    led.drop_doc("decontam", hit, doc.id, res.text)
-                    continue
-                if hit:
-                    led.flag("decontam", hit, doc.id, res.text)
-                    meta["contaminated"] = hit
+            if "decontam" in ctx and not _decontaminate(ctx["decontam"], s.decontam, doc.id, res, meta, led):
+                continue
             led.kept += 1
             led.bytes_kept += len(res.text.encode("utf-8"))
             row = {"id": doc.id, "text": res.text, "source": doc.source, "provenance": doc.provenance}
@@ -445,14 +501,19 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
         sp.validate(f"sources[{i}]")
     if len({sp.name for sp in sources}) != len(sources):
         raise LlamalabError("sources: every source needs a distinct name")
-    if s.decontam not in ("drop", "flag", "off"):
-        raise LlamalabError(f"decontam must be drop, flag or off, got {s.decontam!r}")
+    if s.decontam not in ("remove", "drop", "flag", "off"):
+        raise LlamalabError(f"decontam must be remove, drop, flag or off, got {s.decontam!r}")
     plan_file = out / PLAN
     fingerprint = {"sources": [asdict(sp) for sp in sources],
                    "settings": {k: v for k, v in asdict(s).items() if k != "keep_rejects"}}
     if plan_file.exists():
         plan = read_json(plan_file, what="shard plan")
-        if {k: plan.get(k) for k in fingerprint} != fingerprint:
+        # a setting added after the run began (absent from its plan) matches while it keeps its default
+        old = dict(plan.get("settings") or {})
+        for k, v in asdict(CleanSettings()).items():
+            if k not in old and fingerprint["settings"].get(k) == v:
+                old[k] = v
+        if {**{k: plan.get(k) for k in fingerprint}, "settings": old} != fingerprint:
             # NOTE: resuming with other settings would mix two runs' shards in one output
             raise LlamalabError(f"{out}: holds a run with different sources or settings (see {plan_file}); "
                                 f"use another --output, or delete the folder to start over")
@@ -467,7 +528,7 @@ def run_clean(sources: list[SourceSpec], s: CleanSettings, out: str | Path, exec
     lap("models")
     if webs and s.line_dedup and not (out / "models" / "first_seen.npz").exists():
         tasks = [{"name": sh["name"], "index": sh["index"], "shard": sh, "out": str(out),
-                  "spec": asdict(by_name[sh["source"]])} for sh in webs]
+                  "spec": asdict(by_name[sh["source"]]), "max_doc_bytes": s.max_doc_bytes} for sh in webs]
         res = run_tasks(hashes_task, tasks, out / "hashes", executor, workers, "clean: line hashes")
         first = first_seen([np.load(r["file"]).tolist() for r in res])
         # NOTE: first_seen is keyed by position in the web-shard list, which preserves corpus order
@@ -555,6 +616,12 @@ def load_sources(obj: list[dict], where: str) -> list[SourceSpec]:
 
 def print_summary(ledger: Ledger, seconds: float, out: Path) -> None:
     print0(ledger.summary_table())
+    if ledger.decontam_total:
+        print0(f"decontam: {ledger.decontam_total:,} contaminated stretch(es) ('decontaminated' in {out / STATS}):")
+        for r in ledger.decontaminated[:3]:
+            size = f", {r['chars_removed']:,} chars" if "chars_removed" in r else ""
+            print0(f"  {r['id']}: {r['action'].replace('_', ' ')}{size}; eval item {r['eval']}, n-gram "
+                   f"\"{r['ngram']}\"")
     mb = ledger.bytes_read / 1e6
     print0(f"clean: read {ledger.read:,} documents ({mb:.2f} MB) -> kept {ledger.kept:,} "
            f"({ledger.bytes_kept / 1e6:.2f} MB), dropped {ledger.dropped:,}, "
