@@ -11,11 +11,15 @@ The run goes through :class:`~llamalab.train.trainer.Trainer`, the loop pretrain
 metrics.jsonl, logbook, atomic checkpoints, ``--resume``, the ``meta.json`` writer and the
 validation loss); only the batches (packed rows, see :mod:`llamalab.finetune.packing`) and the loss
 function differ. Steps are derived from the data: ``epochs * ceil(rows / batch_size)``. The base
-model is read by the one loader, :func:`llamalab.model.folder.load`; the library pieces live in
+model is read by the one loader, :func:`llamalab.model.folder.load` (a llamalab or run folder, a Hugging
+Face folder or a .gguf file, with any tokenizer kind: SentencePiece or byte-level BPE); the chat template is
+``--template``, else the base's own (a source Jinja template maps to ours when it renders the same, else to ours
+of its family, :func:`llamalab.tokenizer.templates.resolve_template`). The library pieces live in
 :mod:`llamalab.finetune` (data, packing, LoRA, optimizer defaults, outputs).
 
 Outputs in ``--run-dir``:
-  ``model/``        a llamalab model folder (LoRA merged) with ``chat_template`` recorded: the engine,
+  ``model/``        a llamalab model folder (LoRA merged) with ``chat_template`` recorded and the base's
+                    tokenizer files (tokenizer.model, or tokenizer.json + tokenizer_config.json): the engine,
                     ``llamalab generate|chat|serve`` and the HF/GGUF exporters read it
   ``adapter/``      with LoRA, the adapter alone (``adapter_model.safetensors`` + config)
   ``sft_data.json`` the data ledger (records read, kept, dropped by reason, fixes, tokens)
@@ -39,7 +43,7 @@ from llamalab.finetune.optim import SFTOptimConfig
 from llamalab.finetune.outputs import base_record, finish
 from llamalab.finetune.packing import eval_batches, make_batch_fn, pack_rows, plan_steps, sft_loss
 from llamalab.model.config import flops_per_token
-from llamalab.model.folder import load, tokenizer_path
+from llamalab.model.folder import load
 from llamalab.run_dir import RunDir
 from llamalab.tokenizer.templates import TEMPLATES, resolve_template
 from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
@@ -53,8 +57,8 @@ from llamalab.train.trainer import LoopSettings, Trainer
 
 @dataclass
 class Config:
-    base: str = field(default="", metadata={"help": "base model: a llamalab model or run folder, or a Hugging Face "
-                                                   "folder, holding a SentencePiece tokenizer.model"})
+    base: str = field(default="", metadata={"help": "base model: a llamalab model or run folder, a Hugging Face "
+                                                   "folder or a .gguf file (any tokenizer kind llamalab reads)"})
     data: list[str] = field(default_factory=list, metadata={"help": "data file(s), JSON or JSONL (.gz ok), "
                                                                     "comma-separated"})
     format: str = field(default="sharegpt", metadata={"choices": list(FORMATS),
@@ -119,9 +123,6 @@ def main(cfg: Config) -> dict[str, Any]:
     device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
     loaded = load(cfg.base, device="cpu", dtype=torch.float32)
     model, meta, base, tok = loaded.model, loaded.meta, loaded.path, loaded.tokenizer
-    tok_path = tokenizer_path(base)
-    if tok_path is None:
-        raise LlamalabError(f"{base}: no tokenizer.model (SFT needs the SentencePiece tokenizer of the base)")
     template = resolve_template(meta, cfg.template or None)
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
@@ -162,7 +163,7 @@ def main(cfg: Config) -> dict[str, Any]:
     net = parallelize(model, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
     optim = dataclasses.replace(cfg.optim, lr=cfg.optim.peak_lr(bool(cfg.lora.rank)))
     optimizer = build_optimizer(model, optim, optim.lr)
-    pad_id = tok.pad_id if tok.pad_id >= 0 else tok.eos_id
+    pad_id = next(i for i in (tok.pad_id, tok.eos_id, 0) if i >= 0)  # pad positions carry no loss
     settings = LoopSettings(
         name="sft", run_dir=run.root, steps=steps, peak_lr=optim.lr, warmup=warmup_steps_for(optim, steps),
         min_lr_ratio=optim.min_lr_ratio, grad_clip=optim.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
@@ -171,7 +172,7 @@ def main(cfg: Config) -> dict[str, Any]:
     val_rows = pack_rows(val, seq_len, cfg.packing, seed=0)
     trainer = Trainer(net, optimizer, settings,
                       make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed, rank, world),
-                      run_cfg=to_dict(cfg), tokenizer_path=tok_path, autocast=autocast_for(device, dtype),
+                      run_cfg=to_dict(cfg), tokenizer_path=tok, autocast=autocast_for(device, dtype),
                       loss_fn=sft_loss, model_extra={"chat_template": template},
                       eval_fn=(lambda m, ac: evaluate_loss(m, eval_batches(val, val_rows, micro, pad_id), ac, sft_loss))
                       if val else None)
@@ -192,7 +193,7 @@ def main(cfg: Config) -> dict[str, Any]:
     train_tokens = sum(len(e) for e in examples)
     result["input_tokens_per_s"] = train_tokens * result["steps"] / per_epoch / seconds if seconds else None
     result["val_examples"] = len(val)
-    return finish(run, model, lora=cfg.lora, base=base, data=cfg.data, fmt=cfg.format, tok_path=tok_path,
+    return finish(run, model, lora=cfg.lora, base=base, data=cfg.data, fmt=cfg.format, tokenizer=tok,
                   template=template, base_meta=meta, ledger=ledger, result=result, seconds=seconds)
 
 

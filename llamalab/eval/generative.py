@@ -10,7 +10,8 @@ The scoring functions are pure and follow the published definitions:
   seen first) compared with the target.
 - HumanEval: pass@k with the unbiased estimator of Chen et al. 2021,
   ``1 - C(n-c, k) / C(n, k)`` computed as a stable product, averaged over problems; every
-  completion runs in :mod:`llamalab.eval.sandbox`.
+  completion runs in :mod:`llamalab.eval.sandbox` (OS isolation; a sample passes only when its
+  program ran to the end, shown by the sandbox's per-run token, not by its exit status).
 
 Generation is injected as a ``SampleFn(prompts, n, temperature) -> n completions per prompt``, so
 the same code serves our model (:func:`model_sample_fn`) and tests with scripted completions.
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from llamalab.common import Progress
+from llamalab.common import Progress, print0
 from llamalab.inference.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -193,11 +194,16 @@ def score_gsm8k(completions: list[list[str]], targets: list[str]) -> tuple[dict[
 
 
 def score_humaneval(problems: list[dict], completions: list[list[str]], ks: Sequence[int] = (1, 10, 100),
-                    timeout: float = 10.0, workers: int = 2, memory_mb: int = 1024
+                    timeout: float = 10.0, workers: int = 2, memory_mb: int = 1024, allow_unsandboxed: bool = False
                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Run every completion's tests in the sandbox; pass@k for each k <= samples per problem."""
-    from llamalab.eval.sandbox import humaneval_program, run_python
+    """Run every completion's tests in the sandbox; pass@k for each k <= samples per problem.
 
+    A sample passes only when its program ran to the end (the sandbox's completion token came back)
+    with exit status 0. Without OS isolation the sandbox refuses to run unless ``allow_unsandboxed``
+    (or ``LLAMALAB_ALLOW_UNSANDBOXED=1``)."""
+    from llamalab.eval.sandbox import humaneval_program, require_isolation, run_python
+
+    mode = require_isolation(allow_unsandboxed)  # refuse before any program runs
     jobs = [(i, j, humaneval_program(p, c)) for i, (p, comps) in enumerate(zip(problems, completions))
             for j, c in enumerate(comps)]
     bar = Progress(len(jobs), "humaneval tests", "program")
@@ -205,19 +211,23 @@ def score_humaneval(problems: list[dict], completions: list[list[str]], ks: Sequ
 
     def one(job: tuple[int, int, str]) -> None:
         i, j, prog = job
-        results[(i, j)] = run_python(prog, timeout=timeout, memory_mb=memory_mb)
+        results[(i, j)] = run_python(prog, timeout=timeout, memory_mb=memory_mb, mode=mode)
         bar.update()
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
         list(ex.map(one, jobs))
     bar.close()
+    broken = [r for r in results.values() if r.status == "error"]
+    if broken:  # counted as failures, and said: a sandbox failure is not the model's
+        print0(f"humaneval: warning: {len(broken)} of {len(jobs)} program(s) ended without a status from the "
+               f"sandbox (counted as failed); first: {broken[0].detail}")
     recs = []
     for i, (p, comps) in enumerate(zip(problems, completions)):
         res = [results[(i, j)] for j in range(len(comps))]
         c = sum(r.passed for r in res)
-        rec = {"task_id": p["task_id"], "n": len(comps), "correct": c,
-               "results": [{"status": r.status, "completion": comp, "stderr": r.stderr[-500:]}
-                           for r, comp in zip(res, comps)]}
+        rec = {"task_id": p["task_id"], "n": len(comps), "correct": c, "sandbox": mode,
+               "results": [{"status": r.status, "completion": comp, "stderr": r.stderr[-500:],
+                            **({"detail": r.detail} if r.detail else {})} for r, comp in zip(res, comps)]}
         for k in ks:
             if k <= len(comps):
                 rec[f"pass@{k}"] = pass_at_k(len(comps), c, k)

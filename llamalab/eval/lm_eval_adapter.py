@@ -15,15 +15,18 @@ Two ways (details in docs/eval.md):
    lm_eval.simple_evaluate(model="llamalab", model_args="pretrained=...", tasks=[...])``.
 
 2. Over HTTP, against ``llamalab serve`` with lm-eval's ``local-completions`` model; log-likelihood
-   tasks need the server to return prompt log-probabilities (``echo`` + ``logprobs``), generation
+   tasks need the server to return prompt log-probabilities (lm-eval sends ``echo: true, logprobs: 1,
+   max_tokens: 1`` and drops the last returned token, the generated one, EOS included), generation
    tasks need only ``/v1/completions``.
 
 The three request types map onto llamalab's own scoring, so both harnesses tokenize and score the
 same way: ``loglikelihood`` -> :func:`llamalab.eval.loglik.score_text_pairs` (lm-eval's pair
-encoding, BOS first, left truncation); ``loglikelihood_rolling`` -> non-overlapping windows with
-full context for the last one, as lm-eval specifies; ``generate_until`` -> greedy (or sampled, if
-``do_sample``/``temperature`` is asked for) decoding through :class:`llamalab.inference.engine.Engine`
-(the sampler of ``generate`` and ``serve``) until a stop string, EOS or ``max_gen_toks``.
+encoding, BOS first by the tokenizer's rule, left truncation); ``loglikelihood_rolling`` ->
+non-overlapping windows with full context for the last one, after lm-eval's prefix token (BOS, else
+EOS), as lm-eval specifies; ``generate_until`` -> greedy (or sampled, if ``do_sample``/``temperature``
+is asked for) decoding through :class:`llamalab.inference.engine.Engine` (the sampler of ``generate``
+and ``serve``) until a stop string, EOS or ``max_gen_toks``. The model loads on the device lm-eval
+asks for when the machine has it, else on the machine's own (:func:`available_device`).
 
 :class:`LlamalabLMCore` holds the logic without importing lm_eval (tests use it directly);
 :func:`register` builds the lm_eval subclass when lm_eval is installed.
@@ -51,7 +54,7 @@ class LlamalabLMCore:
                 raise LlamalabError("lm_eval model_args: give pretrained=<llamalab model folder>")
             from llamalab.eval.run import load_for_eval
 
-            loaded = load_for_eval(pretrained, device if device not in (None, "") else "auto", dtype)
+            loaded = load_for_eval(pretrained, available_device(device), dtype)
             model, tokenizer = loaded.model, loaded.tokenizer
         self.model, self.tok = model, tokenizer
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
@@ -76,10 +79,11 @@ class LlamalabLMCore:
         return [(s.loglik, s.is_greedy) for s in scored]
 
     def rolling(self, texts: Sequence[str]) -> list[float]:
-        from llamalab.eval.loglik import document_nll, model_logits_fn
+        from llamalab.eval.loglik import document_nll, model_logits_fn, prefix_ids
 
         fn = model_logits_fn(self.model)
-        return [-document_nll(fn, self.tok.encode(t, bos=True), self.max_length, self.max_length)[0] for t in texts]
+        first = prefix_ids(self.tok)  # lm-eval's prefix token: BOS, else EOS
+        return [-document_nll(fn, first + self.tok.encode(t), self.max_length, self.max_length)[0] for t in texts]
 
     def generate(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         """Requests grouped by identical generation settings, each group decoded in batches."""
@@ -103,6 +107,26 @@ class LlamalabLMCore:
 
 
 EXTRA = "pip install 'llamalab[lm-eval]'"
+
+
+def available_device(device: str | None) -> str:
+    """The device to load on: ``auto`` (the machine's best) for none, and for a device this machine lacks.
+
+    lm-eval hands every model class its ``--device`` (``cuda`` or ``cuda:0`` by default in several of its
+    versions and front ends), so on a CPU-only machine or a Mac the request is for a GPU that is not there;
+    the machine's own device is used instead, said on stderr."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "auto"
+    kind = str(device).split(":")[0]
+    present = {"cuda": torch.cuda.is_available(),
+               "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if kind in present and not present[kind]:
+        print(f"lm-eval asked for device {device!r}, which this machine does not have; using the machine's own "
+              f"(auto)", file=sys.stderr)
+        return "auto"
+    return str(device)
 
 
 def register():

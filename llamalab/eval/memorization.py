@@ -218,10 +218,14 @@ def memorize_run(run: str | Path, samples: list[Sample], bounds: Bounds, k: int,
             print0(f"memorization {n}/{len(ckpts)} {ck.name}: done, skipped")
             rows.append(read_json(out, what="memorization result"))
             continue
+        if ck.step is None:
+            raise LlamalabError(f"{ck.model}: records no training step; give it one (model_checkpoint(path, step))")
         model = load(ck.model, device, dtype, with_tokenizer=False).model
         res = evaluate_memorization(model, samples, k, l, ck.step, len(bounds), batch_size)
         res.update(step=ck.step, tokens_seen=ck.tokens_seen, k=k, l=l, sample_hash=digest,
                    samples=[{"step": s.step, "chunk": s.chunk} for s in samples])
+        if ck.label:  # a model given by path (an export, an HF folder): named in the summary
+            res["model"] = str(ck.model)
         write_json_atomic(out, res)
         rows.append(res)
         del model
@@ -229,7 +233,8 @@ def memorize_run(run: str | Path, samples: list[Sample], bounds: Bounds, k: int,
                                          for i, (a, b) in enumerate(bounds)],
                "n_sequences": len(samples), "sample_hash": digest,
                "checkpoints": [{"step": r["step"], "tokens_seen": r["tokens_seen"], **r["overall"],
-                                "per_chunk": r["per_chunk"]} for r in rows]}
+                                "per_chunk": r["per_chunk"], **({"model": r["model"]} if r.get("model") else {})}
+                               for r in rows]}
     write_json_atomic(rd.eval_file(f"{MEMORIZATION}.json"), summary)
     if plots:
         add_figures(rd.root, MEMORIZATION, plot_memorization(rd.root, summary, rows[-1]["scores"]))
@@ -246,10 +251,11 @@ def plot_memorization(run: str | Path, summary: dict, last_scores: list[float]) 
     k, n_cont = summary["k"], summary["l"]
     figs = []
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = [c["tokens_seen"] for c in cks]
+    by_tokens = all(c["tokens_seen"] is not None for c in cks)  # models given by path may not record them
+    x = [c["tokens_seen"] if by_tokens else c["step"] for c in cks]
     ax.plot(x, [c["mean_score"] for c in cks], marker="o", label="mean memorization score")
     ax.plot(x, [c["extractable_fraction"] for c in cks], marker="s", label="exactly extractable")
-    ax.set_xlabel("tokens seen")
+    ax.set_xlabel("tokens seen" if by_tokens else "step")
     ax.set_ylabel("fraction")
     ax.set_title(f"memorization (k={k}, l={n_cont})")
     ax.grid(alpha=0.3)
@@ -295,4 +301,6 @@ def plot_memorization(run: str | Path, summary: dict, last_scores: list[float]) 
 def print_summary(summary: dict) -> None:
     print0(f"{'step':>8} {'tokens':>12} {'mean score':>10} {'extractable':>11}")
     for c in summary["checkpoints"]:
-        print0(f"{c['step']:>8} {c['tokens_seen']:>12,} {c['mean_score']:>10.4f} {c['extractable']:>6}/{c['n']:<4}")
+        seen = f"{c['tokens_seen']:>12,}" if c["tokens_seen"] is not None else f"{'?':>12}"
+        print0(f"{c['step']:>8} {seen} {c['mean_score']:>10.4f} {c['extractable']:>6}/{c['n']:<4}"
+               + (f"  {c['model']}" if c.get("model") else ""))

@@ -30,13 +30,35 @@ CURVES = "curves.json"
 
 @dataclass
 class Checkpoint:
-    step: int
-    tokens_seen: int
+    """A model to evaluate: a checkpoint of the run (``step_N/model``), or one given by path (``label`` names its
+    results folder; ``step``/``tokens_seen`` None when the model does not record them)."""
+
+    step: int | None
+    tokens_seen: int | None
     model: Path
+    label: str = ""
 
     @property
     def name(self) -> str:
-        return self.model.parent.name
+        return self.label or self.model.parent.name
+
+
+def model_checkpoint(path: str | Path, default_step: int | None = None) -> Checkpoint:
+    """Any model the loader reads (a model or run folder, a Hugging Face folder, a .gguf file) as a
+    :class:`Checkpoint` labelled ``model-<name>``: a llamalab folder's recorded ``step``/``tokens_seen`` (a
+    checkpoint's model records them), else ``default_step`` and no token count."""
+    from llamalab.model.folder import detect_format, read_config_json, resolve_model_path
+
+    p = Path(path)
+    kind = detect_format(p)
+    step = tokens = None
+    if kind in ("llamalab", "run"):
+        p = resolve_model_path(p)
+        meta = read_config_json(p / "config.json")
+        step, tokens = meta.get("step"), meta.get("tokens_seen")
+    name = p.stem if p.is_file() else (p.parent.name if p.name == "model" else p.name)
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return Checkpoint(step if ok(step) else default_step, tokens if ok(tokens) else None, p, f"model-{name}")
 
 
 def find_checkpoints(run: str | Path) -> list[Checkpoint]:
@@ -82,11 +104,15 @@ def result_is_current(path: Path, data_path: str, settings: EvalSettings) -> boo
 
 def sweep(run: str | Path, tasks: Sequence[Task], paths: Sequence[str], settings: EvalSettings, *,
           fewshot_paths: Sequence[str] = (), every: int = 1, force: bool = False, device: str = "auto",
-          dtype: str = "auto") -> list[dict[str, Any]]:
+          dtype: str = "auto", models: Sequence[str | Path] = ()) -> list[dict[str, Any]]:
     """Evaluate ``tasks`` (data file ``paths[i]`` each) on every ``every``-th checkpoint; returns the
-    new results (the ones already current are skipped, not returned)."""
+    new results (the ones already current are skipped, not returned).
+
+    ``models`` (any path the loader reads: a model folder, an HF folder, a .gguf export of the run ...) are
+    evaluated instead of the checkpoints, each into ``RUN/eval/model-<name>/``; one that records no step (not a
+    checkpoint's model) stays out of the curves."""
     rd = RunDir(run)
-    ckpts = select_every(find_checkpoints(rd.root), every)
+    ckpts = [model_checkpoint(m) for m in models] or select_every(find_checkpoints(rd.root), every)
     if not ckpts:
         raise LlamalabError(f"{rd.checkpoints}: no checkpoint (step_*/model) to evaluate")
     recorded = {"fewshot_path": list(fewshot_paths), "device": device, "dtype": dtype}
@@ -99,12 +125,15 @@ def sweep(run: str | Path, tasks: Sequence[Task], paths: Sequence[str], settings
         if not todo:
             print0(f"sweep {n}/{len(ckpts)} {ck.name}: all {len(tasks)} task(s) done, skipped")
             continue
-        print0(f"sweep {n}/{len(ckpts)} {ck.name} ({ck.tokens_seen:,} tokens): {len(todo)} task(s)")
+        seen = f"{ck.tokens_seen:,} tokens" if ck.tokens_seen is not None else str(ck.model)
+        print0(f"sweep {n}/{len(ckpts)} {ck.name} ({seen}): {len(todo)} task(s)")
         loaded = load_for_eval(ck.model, device, dtype)
         for i, task in todo:
             res = evaluate_task(loaded.model, loaded.tokenizer, task, paths[i], settings,
                                 fewshot_paths[i] if fewshot_paths else "", options=recorded)
-            res.update(model=str(ck.model), step=ck.step, tokens_seen=ck.tokens_seen)
+            res["model"] = str(ck.model)
+            if ck.step is not None and ck.tokens_seen is not None:  # a point on the curves
+                res.update(step=ck.step, tokens_seen=ck.tokens_seen)
             write_json_atomic(rd.eval_result(ck.name, task.name), res)
             done.append(res)
         del loaded

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from llamalab.common import LlamalabError, read_json, write_json_atomic
+from llamalab.model.folder import save_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -129,7 +130,7 @@ def save_adapter(folder: str | Path, model: nn.Module, cfg: LoRAConfig, base: di
     """Write the adapter alone (weights + config naming its base)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(adapter_state(model), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     write_json_atomic(folder / ADAPTER_CONFIG, {"format": "llamalab-lora", **asdict(cfg), "base": base})
     return folder
 

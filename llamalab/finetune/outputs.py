@@ -1,7 +1,9 @@
 """What an SFT run leaves behind, once its steps are done.
 
-- ``model/``: a llamalab model folder with LoRA merged and ``chat_template`` recorded, so the
-  engine, ``llamalab generate|chat|serve`` and the HF/GGUF exporters read it like any other;
+- ``model/``: a llamalab model folder with LoRA merged, ``chat_template`` recorded and the base's
+  tokenizer written by its own kind (:func:`llamalab.model.folder.save_tokenizer`: a SentencePiece
+  ``tokenizer.model``, or ``tokenizer.json`` + ``tokenizer_config.json``), so the engine, ``llamalab
+  generate|chat|serve`` and the HF/GGUF exporters read it like any other;
 - ``adapter/``: with LoRA, the adapter alone (it stays separable; the merged model does not);
 - ``sft_summary.json`` and ``report.html``.
 
@@ -66,9 +68,10 @@ def gather_plain(model: torch.nn.Module, lora: LoRAConfig) -> torch.nn.Module | 
 
 
 def finish(run: RunDir, model: torch.nn.Module, *, lora: LoRAConfig, base: Path, data: Sequence[str], fmt: str,
-           tok_path: Path, template: str, base_meta: dict[str, Any], ledger: SFTLedger, result: dict[str, Any],
+           tokenizer: Any, template: str, base_meta: dict[str, Any], ledger: SFTLedger, result: dict[str, Any],
            seconds: float) -> dict[str, Any]:
-    """Write model/ (merged) and adapter/, the summary and the report; print the end summary."""
+    """Write model/ (merged, with the base's tokenizer files) and adapter/, the summary and the report; print the
+    end summary."""
     from llamalab.report.html import write_report
 
     curve = loss_curve(run)
@@ -89,7 +92,7 @@ def finish(run: RunDir, model: torch.nn.Module, *, lora: LoRAConfig, base: Path,
                                                 "lora": to_dict(lora) if lora.rank else None,
                                                 "steps": result["steps"], "loss_curve": curve},
              **{k: base_meta[k] for k in ("tokenizer",) if k in base_meta}}
-    summary["model"] = str(save_model(run.model, model.cpu().float(), tok_path, extra))
+    summary["model"] = str(save_model(run.model, model.cpu().float(), extra=extra, tokenizer=tokenizer))
     write_json_atomic(run.sft_summary, summary)
     summary["report"] = str(write_report(run.root))
     print0(done_line(summary, ledger, result, curve, seconds))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
 from llamalab.inference.quantize import Linear, make_linear
+from llamalab.model.layers import dynamic_decode_freqs_cis, dynamic_seq_len, precompute_freqs_cis
 from llamalab.model.transformer import Transformer
 
 
@@ -73,8 +74,14 @@ class Runner:
         self.norm = sd["norm.weight"]
         self.output = make_linear(out_w, quantize)
         self.quantize = quantize
-        # rotary table as complex (S, D/2), built once
+        # rotary table as complex (S, D/2), built once, from the model's (RoPE scaling included). Dynamic NTK
+        # scaling depends on the sequence length: one-token decode at position m uses seq_len m + 1 (its own
+        # table, row by row); a prefill longer than the original context gets its table built for its length.
         self.freqs = torch.view_as_complex(model.freqs_cis[: self.max_seq_len].float().contiguous()).to(dev)
+        self.decode_freqs = self.freqs
+        if dynamic_seq_len(cfg.rope_scaling, self.max_seq_len) is not None:
+            self.decode_freqs = dynamic_decode_freqs_cis(cfg.head_dim, self.max_seq_len, cfg.rope_theta,
+                                                         cfg.rope_scaling).to(dev)
         shape = (slots, self.n_kv, self.max_seq_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(cfg.n_layers)]
@@ -111,6 +118,13 @@ class Runner:
 
     # ------------------------------------------------------------------ prefill
 
+    def _prefill_freqs(self, T: int) -> torch.Tensor:
+        seq_len = dynamic_seq_len(self.cfg.rope_scaling, T)
+        if seq_len is None:
+            return self.freqs[:T]
+        cfg = self.cfg
+        return precompute_freqs_cis(cfg.head_dim, T, cfg.rope_theta, cfg.rope_scaling, seq_len).to(self.device)
+
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], all_logits: bool = False) -> torch.Tensor:
         """Fill ``slot`` with ``ids`` at positions [0, T); return logits (T, V) or (1, V) for the last."""
@@ -121,7 +135,7 @@ class Runner:
             raise LlamalabError(f"prompt of {T} tokens exceeds the context of {self.max_seq_len}")
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
         h = F.embedding(tokens, self.tok_emb)
-        fc = self.freqs[:T].view(1, T, 1, -1)
+        fc = self._prefill_freqs(T).view(1, T, 1, -1)
 
         def write(li: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             self.k[li][slot, :, :T] = k[0].transpose(0, 1)
@@ -158,7 +172,7 @@ class Runner:
     def _decode_impl(self, tokens: torch.Tensor, pos: torch.Tensor, end: int) -> torch.Tensor:
         n = tokens.shape[0]
         h = F.embedding(tokens.view(n, 1), self.tok_emb)
-        fc = self.freqs[pos].view(n, 1, 1, -1)
+        fc = self.decode_freqs[pos].view(n, 1, 1, -1)
         rows = self._ar[:n]
         bias = self.bias[:n, :, :, :end]
         gqa = self.n_kv != self.n_heads

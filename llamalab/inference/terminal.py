@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator, TextIO
 from llamalab.common import LlamalabError
 from llamalab.inference.engine import Engine
 from llamalab.inference.sampling import SamplingParams
-from llamalab.tokenizer.templates import render, stop_strings
+from llamalab.tokenizer.templates import render, stop_strings, stop_token_ids
 
 # ----------------------------------------------------------------------------- generate
 
@@ -77,7 +77,8 @@ def answer(engine: Engine, messages: list[dict[str, str]], template: str, params
     ids = chat_prompt(engine, messages, template, params.max_tokens)
     room = engine.max_seq_len - len(ids)
     p = SamplingParams(**{**params.__dict__, "max_tokens": min(params.max_tokens, room),
-                          "stop": list(params.stop) + stop_strings(template)})
+                          "stop": list(params.stop) + stop_strings(template),
+                          "stop_token_ids": list(params.stop_token_ids) + stop_token_ids(template, engine.tokenizer)})
     text, started = [], False
     for d in engine.stream(ids, p):
         t = d.text if started else d.text.lstrip()

@@ -13,21 +13,39 @@ Import reads ``config.json`` plus safetensors (one file or shards with an index)
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from llamalab.common import LlamalabError, read_json, write_json_atomic
-from llamalab.model.config import ModelConfig
-from llamalab.model.folder import load_into, load_model, save_model, tokenizer_path
+from llamalab.common import LlamalabError, print0, write_json_atomic
+from llamalab.model.config import ModelConfig, ModelConfigError
+from llamalab.model.folder import (
+    check_memory,
+    check_weights,
+    load_into,
+    load_model,
+    read_config_json,
+    safetensors_shapes,
+    save_model,
+    save_safetensors,
+    write_spm_model,
+)
 from llamalab.model.transformer import Transformer
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
 MAX_SHARD_BYTES = 5 * 1024**3
+# ModelConfig field -> the config.json field it is read from, so that an error names the user's field
+HF_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size",
+             "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta", "max_seq_len": "max_position_embeddings",
+             "tie_embeddings": "tie_word_embeddings"}
+
+
+def _number(v: Any) -> Any:
+    """An int read for a float field as a float (10000 -> 10000.0); anything else unchanged, for validation."""
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -48,16 +66,15 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _rope_theta(hf: dict[str, Any], where: str) -> float:
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling")
-    rope_type = (params.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
-                 or "default")
-    if rope_type != "default":
-        raise LlamalabError(f"{where}: rope scaling type {rope_type!r} is not supported (field rope_scaling / "
-                            f"rope_parameters.rope_type); only plain RoPE")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise LlamalabError(f"{where}: field {name} must be an object, got {type(value).__name__}")
+    return _number(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     archs = hf.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
     if hf.get("model_type") != "llama" or not any(a in SUPPORTED_ARCHS for a in archs):
         raise LlamalabError(f"{where}: unsupported architecture {archs or hf.get('model_type')!r} "
                             f"(field 'architectures'); llamalab imports {', '.join(SUPPORTED_ARCHS)}")
@@ -66,23 +83,30 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             raise LlamalabError(f"{where}: field {flag}=true is not supported (LLaMA has no biases)")
     if hf.get("hidden_act", "silu") != "silu":
         raise LlamalabError(f"{where}: field hidden_act={hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+    missing = [f for f in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                           "intermediate_size") if f not in hf]
+    if missing:
+        raise LlamalabError(f"{where}: missing field {missing[0]!r}")
     try:
-        dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        head_dim = hf.get("head_dim")
-        if head_dim is not None and int(head_dim) != dim // n_heads:
-            raise LlamalabError(f"{where}: field head_dim={head_dim} differs from hidden_size/num_attention_heads")
-        return ModelConfig(
-            dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), vocab_size=int(hf["vocab_size"]),
-            hidden_dim=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=_rope_theta(hf, where), max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        cfg = ModelConfig(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"],
+            hidden_dim=hf["intermediate_size"], norm_eps=_number(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=_rope_theta(hf, where), max_seq_len=max_seq_len_from_hf(hf, where),
+            rope_scaling=rope_scaling_from_hf(hf, where),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
         )
-    except KeyError as e:
-        raise LlamalabError(f"{where}: missing field {e.args[0]!r}") from None
+    except ModelConfigError as e:
+        raise e.at(where, HF_FIELDS) from None
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != cfg.head_dim:
+        raise LlamalabError(f"{where}: field head_dim={head_dim!r} differs from hidden_size/num_attention_heads "
+                            f"({cfg.head_dim})")
+    return cfg
 
 
-def config_to_hf(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, bos_id: int | None = 1, eos_id: int | list[int] | None = 2,
+                 pad_id: int | None = None) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_hidden_dim, "num_hidden_layers": cfg.n_layers,
@@ -92,8 +116,92 @@ def config_to_hf(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "torch_dtype": "float32",
-        "use_cache": True,
+        "use_cache": True, **rope_scaling_to_hf(cfg),
     }
+
+
+def _rope_source(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The object transformers reads RoPE parameters from, and its field name: a non-empty ``rope_scaling``
+    wins over ``rope_parameters`` (transformers' ``convert_rope_params_to_dict``)."""
+    scaling = hf.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling:
+        return "rope_scaling", scaling
+    params = hf.get("rope_parameters")
+    return ("rope_parameters", params) if isinstance(params, dict) else ("rope_scaling", {})
+
+
+def rope_scaling_from_hf(hf: dict[str, Any], where: str) -> Any:
+    """config.json's ``rope_scaling`` / ``rope_parameters`` -> :class:`~llamalab.model.config.RopeScaling` (None
+    for plain RoPE), read as transformers reads them: ``type`` for ``rope_type`` in old files, a top-level
+    ``original_max_position_embeddings`` before the one inside (llama3, yarn), ``max_position_embeddings`` when
+    there is none, and yarn's ``factor`` from the two when absent. ``dynamic`` keeps ``max_position_embeddings``
+    as its original context (see :func:`max_seq_len_from_hf`). Keys the type does not read are ignored, as
+    transformers ignores them, and named on stdout."""
+    from llamalab.common import print0
+    from llamalab.model.config import ROPE_FIELDS, ROPE_TYPES, ModelConfigError, RopeScaling
+
+    name, d = _rope_source(hf)
+    rope_type = d.get("rope_type", d.get("type")) or "default"
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise LlamalabError(f"{where}: rope scaling type {rope_type!r} (field {name}.rope_type) is not supported; "
+                            f"llamalab reads default, {', '.join(ROPE_TYPES)}")
+    partial = d.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise LlamalabError(f"{where}: field partial_rotary_factor={partial!r} (partial rotary) is not supported")
+    mpe = hf.get("max_position_embeddings", 2048)
+    used = ROPE_FIELDS[rope_type]
+    kw: dict[str, Any] = {k: d[k] if k in ("original_max_position_embeddings", "truncate") else _number(d[k])
+                          for k in used if d.get(k) is not None}
+    if rope_type == "dynamic":
+        kw["original_max_position_embeddings"] = mpe
+    elif "original_max_position_embeddings" in used:
+        kw["original_max_position_embeddings"] = hf.get("original_max_position_embeddings",
+                                                        d.get("original_max_position_embeddings", mpe))
+    factor = d.get("factor")
+    if factor is None and rope_type == "yarn" and isinstance(mpe, int) and isinstance(
+            kw["original_max_position_embeddings"], int):
+        factor = mpe / kw["original_max_position_embeddings"]
+    if factor is None:
+        raise LlamalabError(f"{where}: field {name}.factor is missing (rope_type {rope_type!r} needs it)")
+    ignored = sorted(set(d) - set(used) - {"rope_type", "type", "factor", "rope_theta", "partial_rotary_factor"})
+    if ignored:
+        print0(f"{where}: field(s) {', '.join(f'{name}.{k}' for k in ignored)} not read by rope_type "
+               f"{rope_type!r}; ignored, as transformers ignores them")
+    try:
+        return RopeScaling(rope_type, factor=_number(factor), **kw)
+    except ModelConfigError as e:
+        raise LlamalabError(f"{where}: {str(e).replace('model.rope_scaling.', f'field {name}.')}") from None
+
+
+def max_seq_len_from_hf(hf: dict[str, Any], where: str) -> Any:
+    """``max_position_embeddings``; times ``factor`` for ``dynamic`` RoPE scaling, whose point is to run past
+    the context the model was trained at (HF sets no limit; llamalab's context is its KV cache size)."""
+    mpe = hf.get("max_position_embeddings", 2048)
+    name, d = _rope_source(hf)
+    factor = d.get("factor")
+    if d.get("rope_type", d.get("type")) == "dynamic" and isinstance(mpe, int) and not isinstance(mpe, bool) \
+            and isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1:
+        return int(mpe * factor)
+    return mpe
+
+
+def rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json keys of ``cfg.rope_scaling``: ``rope_parameters`` (transformers 5) and ``rope_scaling``
+    (transformers 4 and llama.cpp's converter) with HF's field names; for ``dynamic`` also
+    ``max_position_embeddings`` = the original context. Empty for plain RoPE."""
+    from llamalab.model.config import ROPE_FIELDS
+
+    s = cfg.rope_scaling
+    if s is None:
+        return {}
+    d: dict[str, Any] = {"rope_type": s.rope_type, "factor": s.factor}
+    d.update({k: getattr(s, k) for k in ROPE_FIELDS[s.rope_type] if getattr(s, k) is not None})
+    out: dict[str, Any] = {}
+    if s.rope_type == "dynamic":
+        out["max_position_embeddings"] = d.pop("original_max_position_embeddings")
+    return {**out, "rope_scaling": dict(d), "rope_parameters": {**d, "rope_theta": cfg.rope_theta}}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -148,6 +256,14 @@ def read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_hf_weights(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], folder: Path, cfg_path: Path) -> None:
+    """The safetensors headers against config.json (layers, names, shapes), before any weight is read."""
+    shapes = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_embeddings:
+        shapes.pop("lm_head.weight", None)
+    check_weights(cfg, shapes, str(folder), str(cfg_path), rename=name_map(cfg), names=HF_FIELDS)
+
+
 def state_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) -> dict[str, torch.Tensor]:
     names = name_map(cfg)
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -192,7 +308,10 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> Transform
     """Build a llamalab Transformer from a local HF LLaMA folder."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    cfg = config_from_hf(read_json(cfg_path, what="Hugging Face config"), where=str(cfg_path))
+    cfg = config_from_hf(read_config_json(cfg_path, what="Hugging Face config"), where=str(cfg_path))
+    files = _weight_files(folder)
+    check_hf_weights(cfg, safetensors_shapes(files), folder, cfg_path)
+    check_memory(cfg, sum(f.stat().st_size for f in files), str(folder))
     sd = state_from_hf(read_hf_tensors(folder), cfg, where=str(folder))
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -204,81 +323,116 @@ def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32) -> Transform
 
 def hf_extra(src: Path) -> dict[str, Any]:
     """The config.json keys an imported HF folder carries: where it came from and its Jinja chat template."""
-    hf_cfg = read_json(src / "config.json")
+    hf_cfg = read_config_json(src / "config.json", what="Hugging Face config")
     extra: dict[str, Any] = {"imported_from": {"format": "huggingface", "path": str(src.resolve()),
                                                "architectures": hf_cfg.get("architectures")}}
-    tcfg = src / "tokenizer_config.json"
-    if tcfg.exists():
-        chat = read_json(tcfg).get("chat_template")
-        if isinstance(chat, str):
-            extra["hf_chat_template"] = chat
+    chat = hf_chat_template_of(src)
+    if chat is not None:
+        extra["hf_chat_template"] = chat
     return extra
 
 
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template is kilobytes
+
+
+def hf_chat_template_of(src: Path) -> str | None:
+    """A HF folder's chat template (Jinja), where transformers writes it: ``chat_template.jinja`` (transformers
+    >= 4.50), ``chat_template.json`` (``{"chat_template": ...}``), else ``tokenizer_config.json``; None without one.
+    A list of named templates (``[{"name", "template"}]``) gives its ``default``."""
+    jinja = src / "chat_template.jinja"
+    if jinja.is_file():
+        if jinja.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise LlamalabError(f"{jinja}: {jinja.stat().st_size:,} bytes is too large for a chat template")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LlamalabError(f"{jinja}: not UTF-8 text") from None
+    for name, what in (("chat_template.json", "chat template file"), ("tokenizer_config.json", "tokenizer config")):
+        if (src / name).exists():
+            chat = read_config_json(src / name, what=what).get("chat_template")
+            if isinstance(chat, list):  # named templates
+                chat = next((t.get("template") for t in chat if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+            if isinstance(chat, str):
+                return chat
+    return None
+
+
 def hf_tokenizer(src: Path) -> Any:
-    """A HF folder's tokenizer: tokenizer.model (SentencePiece), else tokenizer.json (BPE); None if neither.
+    """A HF folder's tokenizer, its kind read from the content (SentencePiece tokenizer.model, tokenizer.json,
+    tiktoken tokenizer.model), special tokens and BOS rule from tokenizer_config.json / config.json; None if
+    the folder has no tokenizer (:func:`llamalab.tokenizer.load_folder_tokenizer`)."""
+    from llamalab.tokenizer import load_folder_tokenizer
 
-    tokenizer.json has no notion of BOS/EOS for ``encode(bos=True)``; they come from config.json's
-    ``bos_token_id``/``eos_token_id`` (HF keeps them there).
-    """
-    if (src / "tokenizer.model").exists():
-        from llamalab.tokenizer import Tokenizer
-
-        return Tokenizer(src / "tokenizer.model")
-    path = src / "tokenizer.json"
-    if not path.exists():
-        return None
-    from llamalab.tokenizer import BPETokenizer
-
-    hf_cfg = read_json(src / "config.json")
-    spec = read_json(path, what="tokenizer.json")
-    ids = {}
-    for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
-        v = hf_cfg.get(theirs)
-        v = v[0] if isinstance(v, list) and v else v  # Llama 3 lists several EOS ids; the first is the canonical one
-        if isinstance(v, int):
-            ids[ours] = v
-    return BPETokenizer.from_spec({**spec, "llamalab": ids})
+    return load_folder_tokenizer(src)
 
 
 def import_hf(src: str | Path, dst: str | Path) -> Path:
-    """HF folder -> llamalab model folder (tokenizer.model copied when present)."""
+    """HF folder -> llamalab model folder, with its tokenizer (SentencePiece tokenizer.model, or tokenizer.json
+    with its special tokens, BOS rule and stop ids) written by :func:`llamalab.model.folder.save_tokenizer`."""
     src = Path(src)
     model = load_hf(src)
-    tok = src / "tokenizer.model"
-    return save_model(dst, model, tokenizer_path=tok if tok.exists() else None, extra=hf_extra(src))
+    return save_model(dst, model, extra=hf_extra(src), tokenizer=hf_tokenizer(src))
 
 
-def _tokenizer_files(dst: Path, tok_path: Path | None, bos: int, eos: int, chat_template: str | None = None) -> None:
-    if tok_path is None:
-        return
-    shutil.copyfile(tok_path, dst / "tokenizer.model")
+def _spm_tokenizer_files(dst: Path, tok: Any, chat_template: str | None, max_len: int) -> None:
+    """A SentencePiece tokenizer as transformers' LlamaTokenizer reads it, BOS rule and special pieces its own."""
+    write_spm_model(tok, dst)
+    piece = {k: (tok.id_to_piece(i) if i >= 0 else None) for k, i in (("bos_token", tok.bos_id),
+                                                                       ("eos_token", tok.eos_id),
+                                                                       ("unk_token", tok.unk_id),
+                                                                       ("pad_token", tok.pad_id))}
     extra = {"chat_template": chat_template} if chat_template else {}
-    write_json_atomic(dst / "tokenizer_config.json", {**extra,
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": None, "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "legacy": True, "model_max_length": 1000000000000000019884624838656, "sp_model_kwargs": {},
+    write_json_atomic(dst / "tokenizer_config.json", {**extra, "tokenizer_class": "LlamaTokenizer", **piece,
+        "add_bos_token": bool(tok.add_bos), "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "legacy": True, "model_max_length": max_len, "sp_model_kwargs": {},
     })
-    write_json_atomic(dst / "special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    write_json_atomic(dst / "special_tokens_map.json", {k: v for k, v in piece.items() if v is not None})
+
+
+def _ids_field(ids: list[int]) -> int | list[int] | None:
+    """An ``eos_token_id``-style value: one id, several, or none."""
+    return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
 def export_hf(model: Transformer, dst: str | Path, tok_path: str | Path | None = None,
-              bos_id: int = 1, eos_id: int = 2, chat_template: str | None = None) -> Path:
+              bos_id: int = 1, eos_id: int = 2, chat_template: str | None = None, tokenizer: Any = None) -> Path:
     """Write ``model`` as a HF folder that ``LlamaForCausalLM.from_pretrained`` loads unchanged.
 
-    ``chat_template`` (Jinja) goes into ``tokenizer_config.json`` for ``apply_chat_template``.
+    ``tokenizer`` (a loaded tokenizer of either kind; or ``tok_path``, a SentencePiece tokenizer.model) is
+    written so that ``AutoTokenizer.from_pretrained`` encodes as llamalab does: byte-level BPE as
+    ``tokenizer.json`` + ``tokenizer_config.json`` (:meth:`BPETokenizer.save`), SentencePiece as
+    ``tokenizer.model`` + a LlamaTokenizer ``tokenizer_config.json``; its BOS rule is ``add_bos_token``, its
+    special ids go into config.json and ``generation_config.json`` (``eos_token_id``: every stop id, Llama 3.1
+    Instruct's three). ``chat_template`` (Jinja) goes into ``tokenizer_config.json`` for ``apply_chat_template``.
     """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None and tok_path is not None:
+        from llamalab.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(tok_path)
+    stops = [eos_id]
+    pad = None
+    if tokenizer is not None:
+        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+        stops = list(getattr(tokenizer, "stop_ids", None) or ([eos_id] if eos_id >= 0 else []))
+        pad = tokenizer.pad_id if tokenizer.pad_id >= 0 else None
     sd = state_to_hf(model)
     total = sum(t.numel() * t.element_size() for t in sd.values())
     if total <= MAX_SHARD_BYTES:
-        save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(sd, dst / "model.safetensors", metadata={"format": "pt"})
     else:
         _save_sharded(sd, dst, total)
-    write_json_atomic(dst / "config.json", config_to_hf(model.cfg, bos_id, eos_id))
-    write_json_atomic(dst / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id})
-    _tokenizer_files(dst, Path(tok_path) if tok_path else None, bos_id, eos_id, chat_template)
+    bos = bos_id if bos_id is not None and bos_id >= 0 else None
+    hf_cfg = config_to_hf(model.cfg, bos, _ids_field(stops), pad)
+    write_json_atomic(dst / "config.json", hf_cfg)
+    write_json_atomic(dst / "generation_config.json", {"bos_token_id": bos, "eos_token_id": _ids_field(stops),
+                                                       **({"pad_token_id": pad} if pad is not None else {})})
+    if getattr(tokenizer, "kind", None) == "bpe":
+        tokenizer.save(dst, chat_template=chat_template, model_max_length=model.cfg.max_seq_len)
+    elif tokenizer is not None:
+        _spm_tokenizer_files(dst, tokenizer, chat_template, model.cfg.max_seq_len)
     return dst
 
 
@@ -295,31 +449,32 @@ def _save_sharded(sd: dict[str, torch.Tensor], dst: Path, total: int) -> None:
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(dst / name), metadata={"format": "pt"})
+        save_safetensors(shard, dst / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     (dst / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def export_folder(src: str | Path, dst: str | Path) -> Path:
-    """llamalab model folder -> HF folder."""
+    """llamalab model folder -> HF folder, with its tokenizer (any kind) and chat template."""
+    from llamalab.tokenizer import load_folder_tokenizer
+
     model, meta = load_model(src)
-    tok = tokenizer_path(src)
-    bos, eos = 1, 2
-    if tok is not None:
-        from llamalab.tokenizer import Tokenizer
-
-        t = Tokenizer(tok)
-        bos, eos = t.bos_id, t.eos_id
-    return export_hf(model, dst, tok, bos, eos, chat_template=_jinja_for(meta))
+    tok = load_folder_tokenizer(src)
+    if tok is None:
+        print0(f"hf: {src} has no tokenizer; the HF folder will hold none (AutoTokenizer cannot load it)")
+    return export_hf(model, dst, chat_template=jinja_for(meta, tok), tokenizer=tok)
 
 
-def _jinja_for(meta: dict) -> str | None:
-    """The folder's chat template as Jinja: the original HF one when imported, else ours translated."""
-    if isinstance(meta.get("hf_chat_template"), str):
-        return meta["hf_chat_template"]
+def jinja_for(meta: dict[str, Any], tokenizer: Any = None) -> str | None:
+    """The folder's chat template as Jinja: ours translated when the folder names one (``chat_template``, what
+    every llamalab stage renders with; with the tokenizer's BOS rule), else the source's own when imported
+    (``hf_chat_template``, ``gguf_chat_template``), else None."""
     if meta.get("chat_template"):
         from llamalab.tokenizer.templates import hf_chat_template
 
-        return hf_chat_template(meta["chat_template"])
+        return hf_chat_template(meta["chat_template"], add_bos=bool(getattr(tokenizer, "add_bos", True)))
+    for key in ("hf_chat_template", "gguf_chat_template"):
+        if isinstance(meta.get(key), str) and meta[key].strip():
+            return meta[key]
     return None

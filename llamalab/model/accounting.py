@@ -47,11 +47,11 @@ def describe(name: str, seq_len: int = 0) -> dict[str, Any]:
 
 def preset_table(rows: list[dict[str, Any]]) -> str:
     """Rows of :func:`describe` as one aligned table, a line per preset."""
-    lines = [f"{'preset':<12} {'params':>9} {'dim':>5} {'L':>3} {'H':>3} {'KV':>3} {'ffn':>6} {'ctx':>5} "
+    lines = [f"{'preset':<14} {'params':>9} {'dim':>5} {'L':>3} {'H':>3} {'KV':>3} {'ffn':>6} {'ctx':>6} "
              f"{'FLOPs/tok':>10} {'KV B/tok':>9} {'train FLOPs':>11}"]
     for r in rows:
-        lines.append(f"{r['preset']:<12} {format_count(r['params']):>9} {r['dim']:>5} {r['n_layers']:>3} "
-                     f"{r['n_heads']:>3} {r['n_kv_heads']:>3} {r['ffn_hidden']:>6} {r['context']:>5} "
+        lines.append(f"{r['preset']:<14} {format_count(r['params']):>9} {r['dim']:>5} {r['n_layers']:>3} "
+                     f"{r['n_heads']:>3} {r['n_kv_heads']:>3} {r['ffn_hidden']:>6} {r['context']:>6} "
                      f"{format_flops(r['train_flops_per_token']):>10} {r['kv_cache_bytes_per_token_bf16']:>9,} "
                      f"{format_flops(r['training_flops']) if r['training_flops'] else '-':>11}")
     return "\n".join(lines)

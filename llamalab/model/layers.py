@@ -11,6 +11,13 @@ RoPE follows Meta's reference code: ``precompute_freqs_cis`` builds unit complex
 e^{i m theta_j} and ``apply_rotary_emb`` rotates adjacent pairs (x[2j], x[2j+1]) of each head by
 them. Hugging Face rotates halves (x[j], x[j + D/2]) instead; the two agree once the q/k projection
 rows are permuted, which the HF converter does (``llamalab.interop.hf``).
+
+RoPE scaling (``ModelConfig.rope_scaling``: ``llama3``, ``linear``, ``dynamic``, ``yarn``) changes only the
+frequencies theta_j (:func:`rope_inv_freq`, written after transformers' ``modeling_rope_utils`` expression by
+expression, so the float32 numbers agree) and, for ``yarn``, the length of the unit complex numbers (HF
+multiplies cos and sin by its ``attention_factor``). ``dynamic`` depends on the sequence length: a forward
+over positions [start, end) with end beyond the original context uses the frequencies for ``seq_len = end``,
+as HF computes them from ``max(position_ids) + 1`` (:func:`dynamic_seq_len`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llamalab.model.config import RopeScaling
 
 
 @dataclass
@@ -95,12 +104,120 @@ class FeedForward(nn.Module):
         init.normal_(self.w3.weight, init.std)
 
 
-def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
-    """Complex e^{i m theta_j} for positions m < end and j < dim/2: shape (end, dim/2), complex64."""
-    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32)[: dim // 2] / dim))
-    t = torch.arange(end, dtype=torch.float32)
-    freqs = torch.outer(t, freqs)  # (end, dim/2)
-    return torch.polar(torch.ones_like(freqs), freqs)
+def rope_inv_freq(dim: int, theta: float = 10000.0, scaling: RopeScaling | None = None,
+                  seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """The RoPE frequencies theta_j (dim/2,) in fp32 and the factor applied to cos/sin (1.0 but for yarn).
+
+    Mirrors transformers' ``modeling_rope_utils`` (the default, ``_compute_linear_scaling_rope_parameters``,
+    ``_compute_dynamic_ntk_parameters``, ``_compute_yarn_parameters``, ``_compute_llama3_parameters``).
+    ``seq_len`` matters only to ``dynamic``: None (or up to the original context) gives plain RoPE.
+    """
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if scaling is None:
+        return 1.0 / (theta ** exps), 1.0
+    kind, factor = scaling.rope_type, scaling.factor
+    if kind == "linear":
+        return 1.0 / (theta ** exps) / factor, 1.0
+    if kind == "dynamic":
+        orig = scaling.original_max_position_embeddings
+        if seq_len is None:  # HF's init: python floats
+            base = theta * ((factor * orig / orig) - (factor - 1)) ** (dim / (dim - 2))
+        else:  # HF's forward: seq_len is max(position_ids) + 1, an int64 tensor
+            seq = torch.maximum(torch.tensor(seq_len), torch.tensor(orig))
+            base = theta * ((factor * seq / orig) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base ** exps), 1.0
+    if kind == "llama3":
+        return _llama3_inv_freq(dim, theta, scaling), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(dim, theta, scaling)
+    raise ValueError(f"unknown rope_type {kind!r}")
+
+
+def _llama3_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    factor, low, high = s.factor, s.low_freq_factor, s.high_freq_factor
+    old_context_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / low
+    high_freq_wavelen = old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth_factor = (old_context_len / wavelen - low) / (high - low)
+    smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+    is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+
+
+def yarn_attention_factor(s: RopeScaling) -> float:
+    """YaRN's cos/sin factor: ``attention_factor`` when given, else from ``factor`` (and ``mscale``s) as HF does."""
+    if s.attention_factor is not None:
+        return s.attention_factor
+
+    def get_mscale(scale: float, mscale: float = 1) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    if s.mscale and s.mscale_all_dim:
+        return float(get_mscale(s.factor, s.mscale) / get_mscale(s.factor, s.mscale_all_dim))
+    return get_mscale(s.factor)
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> tuple[torch.Tensor, float]:
+    factor, orig = s.factor, s.original_max_position_embeddings
+    beta_fast, beta_slow = s.beta_fast or 32, s.beta_slow or 1
+    truncate = True if s.truncate is None else s.truncate
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # HF: prevent a singularity
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv_freq = inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+    return inv_freq, yarn_attention_factor(s)
+
+
+def dynamic_seq_len(scaling: RopeScaling | None, end: int) -> int | None:
+    """``end`` when a forward ending at position ``end`` needs dynamic-NTK frequencies of its own, else None."""
+    if scaling is None or scaling.rope_type != "dynamic" or end <= scaling.original_max_position_embeddings:
+        return None
+    return end
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, scaling: RopeScaling | None = None,
+                         seq_len: int | None = None, start: int = 0) -> torch.Tensor:
+    """Complex a·e^{i m theta_j} for positions start <= m < end and j < dim/2: shape (end - start, dim/2),
+    complex64; theta_j and a (1, or yarn's attention factor) from :func:`rope_inv_freq`."""
+    inv_freq, scale = rope_inv_freq(dim, theta, scaling, seq_len)
+    t = torch.arange(start, end, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (end - start, dim/2)
+    return torch.polar(torch.full_like(freqs, scale), freqs)
+
+
+def dynamic_decode_freqs_cis(dim: int, end: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """For one-token decoding under ``dynamic``: row m is e^{i m theta_j(seq_len = m + 1)}, (end, dim/2) complex.
+
+    A token decoded at position m is a forward ending at m + 1 (HF: ``max(position_ids) + 1``), so each row
+    has its own frequencies beyond the original context; below it the rows are plain RoPE's.
+    """
+    table = precompute_freqs_cis(dim, end, theta, scaling)
+    orig = scaling.original_max_position_embeddings
+    if end <= orig:
+        return table
+    pos = torch.arange(orig, end)
+    seq = pos + 1
+    factor = scaling.factor
+    base = theta * ((factor * seq / orig) - (factor - 1)) ** (dim / (dim - 2))  # (n,), as HF per seq_len
+    inv = 1.0 / (base[:, None] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)[None, :])
+    angles = pos.float()[:, None] * inv
+    table[orig:] = torch.polar(torch.ones_like(angles), angles)
+    return table
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor

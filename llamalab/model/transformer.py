@@ -23,7 +23,7 @@ from torch import nn
 
 from llamalab.model.attention import Attention, KVCache
 from llamalab.model.config import ModelConfig
-from llamalab.model.layers import FeedForward, RMSNorm, WeightInit, precompute_freqs_cis
+from llamalab.model.layers import FeedForward, RMSNorm, WeightInit, dynamic_seq_len, precompute_freqs_cis
 
 
 class TransformerBlock(nn.Module):
@@ -66,7 +66,18 @@ class Transformer(nn.Module):
             self.init_weights()
 
     def _freqs(self) -> torch.Tensor:
-        return torch.view_as_real(precompute_freqs_cis(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta))
+        cfg = self.cfg
+        return torch.view_as_real(precompute_freqs_cis(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling))
+
+    def rope(self, start_pos: int, T: int) -> torch.Tensor:
+        """(cos, sin) of positions [start_pos, start_pos+T) as (T, D/2, 2) fp32: the precomputed table, or for
+        ``dynamic`` RoPE scaling past the original context the frequencies of seq_len = start_pos + T."""
+        seq_len = dynamic_seq_len(self.cfg.rope_scaling, start_pos + T)
+        if seq_len is None:
+            return self.freqs_cis[start_pos:start_pos + T].float()
+        cfg = self.cfg
+        fc = precompute_freqs_cis(cfg.head_dim, seq_len, cfg.rope_theta, cfg.rope_scaling, seq_len, start=start_pos)
+        return torch.view_as_real(fc).to(self.freqs_cis.device)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, init: WeightInit | None = None) -> None:
@@ -99,7 +110,7 @@ class Transformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + T].float()  # (T, D/2, 2): cos, sin
+        freqs_cis = self.rope(start_pos, T)  # (T, D/2, 2): cos, sin
         for layer in self.layers:
             h = layer(h, freqs_cis, kv_cache, start_pos, mask)
         h = self.norm(h)

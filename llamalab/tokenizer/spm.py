@@ -28,7 +28,13 @@ from llamalab.common import LlamalabError, Progress, print0, sha256_file
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with LLaMA's conventions (BOS prepended on request)."""
+    """A loaded SentencePiece model with LLaMA's conventions (BOS prepended on request).
+
+    ``add_bos`` is the BOS rule prompts follow (``encode(text, bos=tok.add_bos)``): True, as LLaMA's
+    tokenizer does, unless the source says otherwise (GGUF ``add_bos_token``, tokenizer_config.json).
+    """
+
+    kind = "sentencepiece"
 
     def __init__(self, model_path: str | Path) -> None:
         path = Path(model_path)
@@ -64,6 +70,8 @@ class Tokenizer:
         self.eos_id: int = self.sp.eos_id()
         self.unk_id: int = self.sp.unk_id()
         self.pad_id: int = self.sp.pad_id()  # -1 when the model has none (LLaMA)
+        self.add_bos: bool = self.bos_id >= 0
+        self.stop_ids: list[int] = [self.eos_id] if self.eos_id >= 0 else []
 
     @property
     def vocab_size(self) -> int:
@@ -98,6 +106,20 @@ class Tokenizer:
     def piece_to_id(self, piece: str) -> int:
         return self.sp.PieceToId(piece)
 
+    def token_text(self, i: int) -> str:
+        """The text of one token inside a sequence ('\u2581' -> space, byte pieces as their byte)."""
+        piece = self.sp.IdToPiece(int(i))
+        if self.sp.IsByte(int(i)):
+            return bytes([int(piece[3:5], 16)]).decode("utf-8", errors="replace")
+        return piece.replace("\u2581", " ")
+
+    def save(self, folder: str | Path) -> list[str]:
+        """Write ``tokenizer.model`` into ``folder`` (also for a model rebuilt in memory); returns its name."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
+        return ["tokenizer.model"]
+
     def sha256(self) -> str:
         if self.path is None:
             import hashlib
@@ -106,8 +128,9 @@ class Tokenizer:
         return sha256_file(self.path)
 
     def info(self) -> dict:
-        return {"path": str(self.path), "vocab_size": self.n_words, "bos_id": self.bos_id,
-                "eos_id": self.eos_id, "unk_id": self.unk_id, "pad_id": self.pad_id, "sha256": self.sha256()}
+        return {"path": str(self.path), "kind": self.kind, "vocab_size": self.n_words, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "unk_id": self.unk_id, "pad_id": self.pad_id, "add_bos": self.add_bos,
+                "sha256": self.sha256()}
 
 
 # ----------------------------------------------------------------------------- training

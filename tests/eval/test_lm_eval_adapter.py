@@ -79,3 +79,15 @@ def test_harness_without_lm_eval_names_the_extra(eval_model_folder, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err == ["error: lm-evaluation-harness (lm_eval) is not installed; pip install 'llamalab[lm-eval]'"]
+
+
+def test_device_is_the_one_the_machine_has(monkeypatch, capsys):
+    """lm-eval passes its --device (cuda:0 by default in some front ends): without CUDA the machine's own is used."""
+    from llamalab.eval.lm_eval_adapter import available_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert available_device("cuda:0") == "auto" and "does not have" in capsys.readouterr().err
+    assert available_device("cuda") == "auto" and available_device(None) == "auto"
+    assert available_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert available_device("cuda:0") == "cuda:0"

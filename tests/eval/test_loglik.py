@@ -122,3 +122,42 @@ def test_document_nll_matches_hf(eval_model, botchan_text):
     ref = sum(hf_loglik(hf, ids[s:f], ids[f:e]) for s, e, f in rolling_windows(len(ids), L, stride))
     assert n == len(ids) - 1 and abs(-nll - ref) < 1e-3
     assert math.isfinite(nll / n) and nll / n > 0
+
+
+def test_acc_norm_counts_the_choice_not_its_leading_space():
+    """lm-eval: the continuation is " " + choice and acc_norm divides by len(choice). With the space counted this
+    item flips: -10/5 > -12.4/6 picks choice 0; lm-eval's -10/4 < -12.4/5 picks choice 1."""
+    m = choice_metrics([-10.0, -12.4], [" abcd", " abcde"], gold=1)
+    assert m["acc"] == 0.0 and m["acc_norm"] == 1.0 and m["acc_bytes"] == 1.0
+    assert choice_metrics([-10.0, -12.4], ["abcd", "abcde"], gold=1)["acc_norm"] == 1.0  # no delimiter: as is
+
+
+def test_letter_choices_score_their_shared_context_once(eval_model):
+    """MMLU's " A".." D": one forward of the shared context scores all four (the same numbers as one by one)."""
+    model, tok = eval_model
+    fn = model_logits_fn(model)
+    rows = []
+
+    def counting(x):
+        rows.append(x.shape[0])
+        return fn(x)
+
+    task = get_task("mmlu")
+    items = load_items(task, shared_path("eval/mmlu.jsonl.gz"), limit=3)
+    pairs = [p for it in items for p in choice_pairs(task, it, items, "test")[0]]
+    enc = [encode_pair(tok, c, x) for c, x in pairs]
+    assert len(pairs) == 12 and all(len(cont) == 1 for _, cont in enc)
+    together = score_text_pairs(counting, tok, pairs, model.cfg.max_seq_len, batch_size=16)
+    assert sum(rows) == 3  # one row per question, not per choice
+    alone = [score_text_pairs(fn, tok, [p], model.cfg.max_seq_len)[0] for p in pairs]
+    for a, b in zip(together, alone):
+        assert abs(a.loglik - b.loglik) < 1e-5 and a.is_greedy == b.is_greedy and a.n_tokens == b.n_tokens == 1
+
+
+def test_encode_pair_follows_lm_eval_on_whitespace_and_empty_context(botchan_tokenizer):
+    tok = botchan_tokenizer
+    # every trailing whitespace character moves to the continuation (lm-eval's context.rstrip())
+    ctx, cont = encode_pair(tok, "Question: who?\nAnswer:\n", "the schoolmaster")
+    assert ctx == tok.encode("Question: who?\nAnswer:", bos=True)
+    # an empty context is lm-eval's prefix token (BOS, else EOS) with the continuation encoded alone
+    assert encode_pair(tok, "", "Hello there") == ([tok.bos_id], tok.encode("Hello there"))

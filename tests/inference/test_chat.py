@@ -33,7 +33,8 @@ def test_loss_mask_covers_exactly_the_answers(llama_tok, template):
     text = render_text(conv, template, add_generation_prompt=False)
     assert "Be brief." in text and "No more." in text
     gen = render_text(CONV, template, add_generation_prompt=True)
-    assert gen.rstrip().endswith(("[/INST]", "ASSISTANT:", "### Response:", "<|im_start|>assistant"))
+    assert gen.rstrip().endswith(("[/INST]", "ASSISTANT:", "### Response:", "<|im_start|>assistant",
+                                  "<|start_header_id|>assistant<|end_header_id|>"))
 
 
 def test_bad_conversations_name_the_message():

@@ -56,9 +56,9 @@ def test_export_import_reproduces_logits(tmp_path, gtype, tie):
 def test_real_llama_vocab_gguf_rebuilds_the_tokenizer(tmp_path):
     import sentencepiece as spm
 
-    from llamalab.interop.gguf import _fields, spm_model_bytes
+    from llamalab.interop.gguf import read_gguf, spm_model_bytes
 
-    kv = _fields(gguf.GGUFReader(str(shared_path("tokenizer/llama_spm/ggml-vocab-llama-spm.gguf"))))
+    kv = read_gguf(shared_path("tokenizer/llama_spm/ggml-vocab-llama-spm.gguf")).kv
     sp = spm.SentencePieceProcessor(model_proto=spm_model_bytes(kv))
     ref = spm.SentencePieceProcessor(model_file=str(shared_path(TOK)))
     for text in ["Hello world", " leading space", "numbers 12345 and émojis 🦙", "東京タワー", "a\n\nb\tc"]:

@@ -87,8 +87,8 @@ def test_hf_folder_written_by_transformers(tmp_path):
 
 
 def test_hf_folder_with_tokenizer_json_takes_special_ids_from_config(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    from llamalab.interop.gguf import _fields, bpe_tokenizer_json
+    pytest.importorskip("gguf")
+    from llamalab.interop.gguf import bpe_tokenizer_json, read_gguf
     from llamalab.interop.hf import export_hf
     from llamalab.model import ModelConfig, Transformer
     from tests.interop.test_gguf import _write_gpt2_gguf
@@ -97,7 +97,7 @@ def test_hf_folder_with_tokenizer_json_takes_special_ids_from_config(tmp_path):
     torch.manual_seed(2)
     model = Transformer(cfg).eval()
     _write_gpt2_gguf(tmp_path / "bpe.gguf", model)  # a byte-level BPE vocabulary with merges, BOS 0, EOS 1
-    spec = bpe_tokenizer_json(_fields(gguf.GGUFReader(str(tmp_path / "bpe.gguf"))))
+    spec = bpe_tokenizer_json(read_gguf(tmp_path / "bpe.gguf").kv)
     spec.pop("llamalab")  # a HF tokenizer.json has no special ids: they come from config.json
     hf = export_hf(model, tmp_path / "hf", bos_id=0, eos_id=1)
     (hf / "tokenizer.json").write_text(json.dumps(spec))

@@ -1,21 +1,23 @@
-"""Encode text with a SentencePiece tokenizer and print ids and pieces (a quick look at a tokenizer)."""
+"""Encode text with any tokenizer llamalab reads (SentencePiece, tokenizer.json, tiktoken ranks) and print ids
+and pieces (a quick look at a tokenizer)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llamalab.tokenizer.spm import Tokenizer
+from llamalab.tokenizer import open_tokenizer
 
 
 @dataclass
 class Config:
-    tokenizer: str = field(default="", metadata={"positional": True, "help": "tokenizer.model or a folder holding it"})
+    tokenizer: str = field(default="", metadata={"positional": True,
+                                                 "help": "tokenizer.model, tokenizer.json or a folder holding one"})
     text: str = field(default="", metadata={"help": "text to encode"})
     bos: bool = False
 
 
 def main(cfg: Config) -> list[int]:
-    tok = Tokenizer(cfg.tokenizer)
+    tok = open_tokenizer(cfg.tokenizer)
     ids = tok.encode(cfg.text, bos=cfg.bos)
     print(ids)
     print([tok.id_to_piece(i) for i in ids])
