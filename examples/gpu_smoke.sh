@@ -25,6 +25,7 @@ $L run --name smoke --runs-dir "$W" --max-seconds 60
 R="$W/smoke"
 last "$R"
 D="$R/data"
+$L release verify "$W/smoke-release" --steps 2 --device cuda
 
 step "2. torchrun on CUDA (fused AdamW, compile; FSDP with ${NPROC:-1} process(es))"
 $PY -m torch.distributed.run --standalone --nproc-per-node "${NPROC:-1}" -m llamalab.train.pretrain "$D" \
