@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -200,6 +201,23 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def replace_folder(tmp: str | Path, dst: str | Path) -> Path:
+    """Move the finished folder ``tmp`` to ``dst``, replacing any folder there; a reader never sees half.
+
+    NOTE: POSIX renames a folder only onto an empty one, so an existing ``dst`` is first renamed aside
+    and deleted after the new one is in place (a crash in between leaves ``dst.old-PID``, never a mix).
+    """
+    tmp, dst = Path(tmp), Path(dst)
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+    return dst
 
 
 def iter_jsonl(lines: Iterable[str], where: str | Path) -> Iterator[tuple[int, Any]]:

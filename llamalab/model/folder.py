@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llamalab.common import LlamalabError, read_json, sha256_file, write_json_atomic
+from llamalab.common import LlamalabError, read_json, replace_folder, sha256_file, write_json_atomic
 from llamalab.model.config import ModelConfig, ModelConfigError, name_fields, num_params
 from llamalab.model.transformer import Transformer
 
@@ -168,14 +168,7 @@ def save_model(folder: str | Path, model: Transformer, tokenizer_path: Any = Non
     write_json_atomic(tmp / "config.json", folder_meta(model.cfg, extra))
     files.append("config.json")
     write_checksums(tmp, files)
-    if folder.exists():
-        old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
-    return folder
+    return replace_folder(tmp, folder)
 
 
 MAX_CONFIG_BYTES = 64 << 20  # a config.json is kilobytes; refuse to parse a hostile multi-gigabyte one

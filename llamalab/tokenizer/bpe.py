@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from llamalab.common import LlamalabError, write_json_atomic
+from llamalab.tokenizer.spm import with_specials
 
 # The pre-tokenizer regexes, as the model cards' tokenizer.json files spell them.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
@@ -407,11 +408,7 @@ class BPETokenizer:
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         out = [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
-        if bos and self.bos_id >= 0:
-            out = [[self.bos_id] + x for x in out]
-        if eos and self.eos_id >= 0:
-            out = [x + [self.eos_id] for x in out]
-        return out
+        return [with_specials(x, self.bos_id if bos else -1, self.eos_id if eos else -1) for x in out]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -27,6 +27,11 @@ import sentencepiece as spm
 from llamalab.common import LlamalabError, Progress, print0, sha256_file
 
 
+def with_specials(ids: list[int], bos_id: int, eos_id: int) -> list[int]:
+    """``ids`` with BOS in front and EOS at the end, each only when its id is >= 0."""
+    return ([bos_id] if bos_id >= 0 else []) + ids + ([eos_id] if eos_id >= 0 else [])
+
+
 class Tokenizer:
     """A loaded SentencePiece model with LLaMA's conventions (BOS prepended on request).
 
@@ -88,11 +93,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      num_threads: int = -1) -> list[list[int]]:
         out = self.sp.Encode(list(texts), out_type=int, num_threads=num_threads)
-        if bos and self.bos_id >= 0:
-            out = [[self.bos_id] + x for x in out]
-        if eos and self.eos_id >= 0:
-            out = [x + [self.eos_id] for x in out]
-        return out
+        return [with_specials(x, self.bos_id if bos else -1, self.eos_id if eos else -1) for x in out]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from llamalab.common import LlamalabError, print0, read_json, write_json_atomic
+from llamalab.common import LlamalabError, print0, read_json, replace_folder, write_json_atomic
 from llamalab.model.folder import (
     load_into,
     load_state,
@@ -410,14 +410,7 @@ def publish_model(checkpoint: str | Path, dst: str | Path) -> Path:
                 pass
         shutil.copy2(f, tmp / f.name)
     verify_checksums(tmp)
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dst)
-    return dst
+    return replace_folder(tmp, dst)
 
 
 def checkpoint_summary(folder: Path) -> dict[str, Any]:

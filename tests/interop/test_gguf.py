@@ -68,16 +68,9 @@ def test_real_llama_vocab_gguf_rebuilds_the_tokenizer(tmp_path):
 def _write_gpt2_gguf(path, model) -> list[str]:
     """A LLaMA GGUF whose tokenizer is byte-level BPE ('gpt2'), with a few merges, as llama.cpp writes."""
     from llamalab.interop.gguf import add_llama_keys, name_map
+    from llamalab.tokenizer.bpe import bytes_to_unicode
 
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    byte_tokens = [chr(c) for c in cs]
+    byte_tokens = list(bytes_to_unicode().values())
     merges = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r"]
     tokens = ["<|begin|>", "<|end|>"] + byte_tokens + ["Ġt", "he", "Ġthe", "Ġw", "or"]
     tokens += [f"<|unused{i}|>" for i in range(model.cfg.vocab_size - len(tokens))]
