@@ -140,19 +140,16 @@ def space_mode(tokenizer) -> str:
 def _cut(text: str, lo: int, target: int, hi: int) -> tuple[int, bool]:
     """A cut position in ``text[lo:hi]`` near ``target``: a space between two non-space characters
     (exact), else just after a newline, else ``target`` itself (both inexact)."""
+    def between_words(i: int) -> bool:
+        return not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace()
+
     i = target
-    while True:
-        i = text.rfind(" ", lo + 1, i)
-        if i < 0:
-            break
-        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+    while (i := text.rfind(" ", lo + 1, i)) >= 0:  # backwards from the target first
+        if between_words(i):
             return i, True
     i = target
-    while True:
-        i = text.find(" ", i + 1, hi)
-        if i < 0:
-            break
-        if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+    while (i := text.find(" ", i + 1, hi)) >= 0:  # then forwards
+        if between_words(i):
             return i, True
     nl = text.rfind("\n", lo + 1, hi)
     if nl >= 0:
