@@ -13,6 +13,12 @@ NOTE: only the last micro-batch synchronises gradients: DDP's ``no_sync`` and FS
 ``set_requires_gradient_sync(False)`` on the others (FSDP then keeps unsharded fp32 gradients
 between micro-steps: more memory, one reduce-scatter per step instead of one per micro-batch).
 
+Batches that are not (inputs, targets): preference pairs (reward model, DPO) and PPO minibatches
+are objects with ``to(device)`` and ``units()`` (what the loss is averaged over: pairs, or tokens);
+their ``loss_fn(model, batch)`` returns the loss summed over those units, optionally with a dict of
+summed statistics (``(loss_sum, {"accuracy": ..., "margin": ...})``) that the step averages over the
+global units and the trainer logs in metrics.jsonl beside the loss.
+
 fp16 (OPT's recipe): a ``GradScaler`` multiplies the loss by a dynamic scale before backward;
 ``clip_and_step`` unscales, clips, and skips the update when any gradient overflowed (the scale
 then halves; it doubles after ``growth_interval`` clean steps). bf16 and fp32 need no scaler.
@@ -21,8 +27,8 @@ then halves; it doubles after ``growth_interval`` clean steps). bf16 and fp32 ne
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -33,11 +39,49 @@ from llamalab.train.distributed import data_parallel_world
 IGNORE_INDEX = -100  # targets never scored: prompts in SFT, padding; F.cross_entropy's default
 
 
+@runtime_checkable
+class UnitBatch(Protocol):
+    """A micro-batch other than (x, y): the loss is summed over ``units()`` (pairs, rollout tokens)."""
+
+    def to(self, device: torch.device) -> "UnitBatch": ...
+
+    def units(self) -> int: ...
+
+
 @dataclass
 class StepResult:
-    loss: float  # mean loss per target token over the global batch
-    n_tokens: int  # target tokens in the global batch
+    loss: float  # mean loss per target token (or per unit) over the global batch
+    n_tokens: int  # target tokens (or units) in the global batch
     grad_norm: float | None = None
+    stats: dict[str, float] = field(default_factory=dict)  # a loss_fn's extra statistics, means over units
+
+
+def batch_units(mb: Any) -> int:
+    """What a micro-batch's loss is averaged over: its scored tokens, or a UnitBatch's units()."""
+    if isinstance(mb, tuple):
+        return int((mb[1] != IGNORE_INDEX).sum())
+    return int(mb.units())
+
+
+def call_loss(loss_fn: Callable[..., Any] | None, model: torch.nn.Module, mb: Any
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run ``loss_fn`` on one micro-batch already on the device: (summed loss, summed statistics)."""
+    if isinstance(mb, tuple):
+        x, y = mb
+        out = loss_fn(model, x, y) if loss_fn is not None else model_loss_sum(model, x, y)
+    else:
+        if loss_fn is None:
+            raise TypeError(f"a {type(mb).__name__} batch needs a loss_fn(model, batch)")
+        out = loss_fn(model, mb)
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def _to(mb: Any, device: torch.device) -> Any:
+    if isinstance(mb, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in mb)
+    return mb.to(device)
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -74,29 +118,41 @@ def grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def forward_backward(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+def forward_backward(model: torch.nn.Module, micro_batches: list[Any],
                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                     loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     loss_fn: Callable[..., Any] | None = None,
                      scaler: "torch.amp.GradScaler | None" = None) -> StepResult:
-    """Accumulate gradients of the global-batch-mean loss over this rank's micro-batches."""
+    """Accumulate gradients of the global-batch-mean loss over this rank's micro-batches.
+
+    A micro-batch is (x, y) with ``loss_fn(model, x, y)``, or a :class:`UnitBatch` with
+    ``loss_fn(model, batch)``; either loss_fn may also return summed statistics (see the module doc).
+    """
     device = next(model.parameters()).device
-    local = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+    local = sum(batch_units(mb) for mb in micro_batches)
     dp_world = data_parallel_world(model)  # 1 under tensor parallelism: every rank has the same batch
     n_global = _global_count(local, device, dp_world)
     scale = dp_world / max(n_global, 1)
     total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    sums: dict[str, torch.Tensor] = {}
+    for i, mb in enumerate(micro_batches):
+        mb = _to(mb, device)
         last = i == len(micro_batches) - 1
         with grad_sync(model, last):
             with autocast():
-                loss_sum = loss_fn(model, x, y) if loss_fn is not None else model_loss_sum(model, x, y)
+                loss_sum, stats = call_loss(loss_fn, model, mb)
             loss = loss_sum.float() * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss_sum.detach()
+        total += loss_sum.detach().float()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + torch.as_tensor(v, device=device).detach().float()
+    names = sorted(sums)
     if dp_world > 1:
-        dist.all_reduce(total)
-    return StepResult(loss=float(total) / max(n_global, 1), n_tokens=n_global)
+        packed = torch.stack([total] + [sums[k] for k in names])
+        dist.all_reduce(packed)
+        total, sums = packed[0], {k: packed[j + 1] for j, k in enumerate(names)}
+    denom = max(n_global, 1)
+    return StepResult(loss=float(total) / denom, n_tokens=n_global,
+                      stats={k: float(sums[k]) / denom for k in names})
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
@@ -150,20 +206,29 @@ def split_micro(x: torch.Tensor, y: torch.Tensor, micro: int) -> list[tuple[torc
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def evaluate_loss(model: torch.nn.Module, batches: Iterable[Any],
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                  ) -> float | None:
-    """Mean loss per target token over ``batches`` (None when there are none); the validation loss
-    of pretraining and SFT. ``loss_fn(model, x, y)`` is a summed loss as in :func:`forward_backward`."""
+                  loss_fn: Callable[..., Any] | None = None, with_stats: bool = False
+                  ) -> float | dict[str, float] | None:
+    """Mean loss per target token (or unit) over ``batches`` (None when there are none); the validation
+    loss of pretraining, SFT and preference tuning. ``loss_fn`` is as in :func:`forward_backward`.
+    With ``with_stats``: a dict {"loss": ..., <each statistic>: mean over units}."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, n = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    sums: dict[str, float] = {}
+    for mb in batches:
+        mb = _to(mb, device)
         with autocast():
-            total += float(loss_fn(model, x, y) if loss_fn is not None else model_loss_sum(model, x, y))
-        n += int((y != IGNORE_INDEX).sum())
+            loss_sum, stats = call_loss(loss_fn, model, mb)
+        total += float(loss_sum)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += batch_units(mb)
     model.train(was_training)
-    return total / n if n else None
+    if not n:
+        return None
+    if with_stats:
+        return {"loss": total / n, **{k: v / n for k, v in sums.items()}}
+    return total / n

@@ -64,7 +64,7 @@ from llamalab.train.optim import lr_at, set_lr
 from llamalab.train.stability import GuardConfig, Logbook, LossGuard
 from llamalab.train.step import clip_and_step, forward_backward
 
-MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+MicroBatches = list[Any]  # (x, y) tuples, or UnitBatch objects (llamalab.train.step)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -149,8 +149,8 @@ class Trainer:
                  batch: Callable[[int], MicroBatches], run_cfg: dict[str, Any],
                  tokenizer_path: str | Path | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 eval_fn: Callable[[torch.nn.Module, Callable], float | None] | None = None,
-                 loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 eval_fn: Callable[[torch.nn.Module, Callable], float | dict[str, float] | None] | None = None,
+                 loss_fn: Callable[..., Any] | None = None,  # (model, x, y) or (model, batch): see train/step.py
                  model_extra: dict[str, Any] | None = None,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.model = model  # may be replaced by a parallel wrapper before fit()
@@ -417,12 +417,12 @@ class Trainer:
             row = {"step": st.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": st.tokens_seen,
                    "tokens_per_s": tps, "mfu": s.flops_per_token * tps / s.peak_flops if s.peak_flops else None,
                    "batch": b, "step_time": dt, "elapsed": time.perf_counter() - t_start}
+            row.update(res.stats)  # a loss_fn's statistics (preference accuracy, margins, KL ...)
             if self.scaler is not None:  # an overflowed fp16 step was skipped by the scaler (norm inf/nan)
                 row["loss_scale"] = float(self.scaler.get_scale())
                 row["overflow"] = not math.isfinite(grad_norm)
             if self.eval_fn is not None and s.eval_interval and (st.step % s.eval_interval == 0 or st.step == s.steps):
-                self.last_val = self.eval_fn(unwrap(self.model), self.autocast)
-                row["val_loss"] = self.last_val
+                self.last_val = self._evaluate(row)
                 if self.last_val is not None and (st.best_val_loss is None or self.last_val < st.best_val_loss):
                     st.best_val_loss = self.last_val
             self.metrics.log(row)
@@ -440,6 +440,15 @@ class Trainer:
         bar.close()
         final = self._publish_final_model()
         return self._summary(time.perf_counter() - t_start, steps_this_run, tokens_this_run, final)
+
+    def _evaluate(self, row: dict[str, Any]) -> float | None:
+        """Run eval_fn; a float is the validation loss, a dict adds its other entries as ``val_<name>``."""
+        out = self.eval_fn(unwrap(self.model), self.autocast)
+        if isinstance(out, dict):
+            row.update({f"val_{k}": v for k, v in out.items() if k != "loss"})
+            out = out.get("loss")
+        row["val_loss"] = out
+        return out
 
     def _summary(self, elapsed: float, steps_this_run: int, tokens_this_run: int,
                  final_model: Path | None = None) -> dict[str, Any]:
