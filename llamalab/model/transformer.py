@@ -106,6 +106,12 @@ class Transformer(nn.Module):
         ``mask``: optional boolean (B or 1, 1, T, S) attention mask (True = may attend) replacing
         the causal one, for packed sequences or left-padded batches.
         """
+        return self.output(self.hidden(tokens, kv_cache, start_pos, mask)).float()
+
+    def hidden(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> the final normed hidden states (B, T, dim), before the output head: what a
+        reward model's or value head's scalar projection reads. Arguments as in :meth:`forward`."""
         B, T = tokens.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -113,8 +119,7 @@ class Transformer(nn.Module):
         freqs_cis = self.rope(start_pos, T)  # (T, D/2, 2): cos, sin
         for layer in self.layers:
             h = layer(h, freqs_cis, kv_cache, start_pos, mask)
-        h = self.norm(h)
-        return self.output(h).float()
+        return self.norm(h)  # (B, T, dim)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
