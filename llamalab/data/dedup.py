@@ -176,12 +176,29 @@ def shingles(text: str, k: int = 5) -> set[bytes]:
     return {" ".join(ws[i:i + k]).encode("utf-8") for i in range(len(ws) - k + 1)}
 
 
+_PERMUTATIONS: dict[tuple[int, int], object] = {}
+
+
+def _new_minhash(num_perm: int, seed: int):
+    """An empty datasketch MinHash. Its constructor draws its ``num_perm`` permutations anew each time
+    (a RandomState and 256 draws: a quarter of near-dup time on web pages), so they are drawn once per
+    (num_perm, seed) and handed to later ones: the same values, as the signatures are."""
+    from datasketch import MinHash  # optional extra: llamalab[data]
+
+    first = _PERMUTATIONS.get((num_perm, seed))
+    if first is None:
+        m = MinHash(num_perm=num_perm, seed=seed)
+        _PERMUTATIONS[(num_perm, seed)] = m
+        return m
+    if hasattr(first, "scheme"):  # datasketch >= 2.0 wants the scheme with given permutations
+        return MinHash(num_perm=num_perm, seed=seed, permutations=first.permutations, scheme=first.scheme)
+    return MinHash(num_perm=num_perm, seed=seed, permutations=first.permutations)
+
+
 def minhash(text: str, num_perm: int = 128, k: int = 5, seed: int = 1, batch: int = 1 << 15):
     """MinHash of the text's word ``k``-shingles. A long text is shingled in streamed batches: a
     minimum does not care about repeats, so the signature equals the one of the shingle set."""
-    from datasketch import MinHash  # optional extra: llamalab[data]
-
-    m = MinHash(num_perm=num_perm, seed=seed)
+    m = _new_minhash(num_perm, seed)
     if len(text) <= _PIECE:
         m.update_batch(list(shingles(text, k)))
         return m

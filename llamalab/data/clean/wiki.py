@@ -1,7 +1,7 @@
 """Wikipedia: pages from a MediaWiki XML dump (.xml / .xml.bz2), wikitext to plain text.
 
-Markup is parsed with ``mwparserfromhell`` (a maintained wikitext parser; regexes break on nested
-templates) and rendered to text in one pass that leaves out comments, templates (infoboxes,
+Markup is tokenized with ``mwparserfromhell`` (a maintained wikitext parser; regexes break on nested
+templates) and its tokens rendered to text in one pass (no node tree) that leaves out comments, templates (infoboxes,
 citations), ``<ref>`` and table/gallery/math tags, and File/Image/Category links (their captions
 are not prose); link text, bold/italic contents and entities are kept. Headings are kept as their own lines. Redirects,
 non-article namespaces and near-empty pages are dropped with a reason.
@@ -57,6 +57,167 @@ def _render(code) -> str:
     return "".join(out)
 
 
+class _TokenRenderer:
+    """:func:`_render` on mwparserfromhell's token list, without building its node tree.
+
+    NOTE: building the tree (``Builder``: a ``Wikicode`` and re-parsed arguments for every node) is
+    ~3/4 of ``mwparserfromhell.parse`` on the shared dump; this walks the tokens with the Builder's
+    own nesting rules (same handlers, same stack discipline for tags) and renders as it goes. A
+    node is ``(text, raw)``: ``raw`` is a Text node's string, None for any other node; a wikilink
+    title or a tag name is matched on its leading raw text with ``"\\x00"`` where a non-text node
+    starts (whose markup, ``{{``, ``<!--``, ``&``..., can match neither). The tests check it
+    gives :func:`_render`'s text on every page of the shared dump.
+    """
+
+    def __init__(self, toks: list) -> None:
+        from mwparserfromhell.nodes import HTMLEntity  # optional extra: llamalab[data]
+        from mwparserfromhell.parser import tokens as T
+
+        self.T, self.entity = T, HTMLEntity
+        self.toks, self.i = toks, 0
+        self.handlers = {T.TemplateOpen: self.template, T.ArgumentOpen: self.argument, T.WikilinkOpen: self.wikilink,
+                         T.ExternalLinkOpen: self.external_link, T.HTMLEntityStart: self.html_entity,
+                         T.HeadingStart: self.heading, T.CommentStart: self.comment, T.TagOpenOpen: self.tag}
+
+    def next(self):
+        tok = self.toks[self.i]
+        self.i += 1
+        return tok
+
+    def node(self, tok) -> tuple[str, str | None]:
+        if type(tok) is self.T.Text:
+            return tok["text"], tok["text"]
+        return self.handlers[type(tok)](tok)
+
+    def render(self) -> str:
+        out = []
+        while self.i < len(self.toks):
+            out.append(self.node(self.next())[0])
+        return "".join(out)
+
+    @staticmethod
+    def text(nodes: list) -> str:
+        return "".join(t for t, _ in nodes)
+
+    @staticmethod
+    def raw_prefix(nodes: list) -> str:
+        out = []
+        for _, raw in nodes:
+            if raw is None:
+                out.append("\x00")
+                break
+            out.append(raw)
+        return "".join(out)
+
+    def skip_until(self, close, *ignored) -> tuple[str, None]:
+        """A dropped node (template, argument, comment): consume it, nested nodes included."""
+        while True:
+            tok = self.next()
+            if type(tok) is close:
+                return "", None
+            if type(tok) not in ignored:
+                self.node(tok)
+
+    def template(self, _tok):
+        return self.skip_until(self.T.TemplateClose, self.T.TemplateParamSeparator, self.T.TemplateParamEquals)
+
+    def argument(self, _tok):
+        return self.skip_until(self.T.ArgumentClose, self.T.ArgumentSeparator)
+
+    def comment(self, _tok):
+        return self.skip_until(self.T.CommentEnd)
+
+    def _two_part(self, sep, close) -> tuple[list, list | None]:
+        first, second, cur = [], None, None
+        cur = first
+        while True:
+            tok = self.next()
+            if type(tok) is sep:
+                second = cur = []
+            elif type(tok) is close:
+                return first, second
+            else:
+                cur.append(self.node(tok))
+
+    def wikilink(self, _tok):
+        title, text = self._two_part(self.T.WikilinkSeparator, self.T.WikilinkClose)
+        if _MEDIA.match(self.raw_prefix(title)):
+            return "", None
+        return self.text(text if text is not None else title), None
+
+    def external_link(self, _tok):
+        _url, title = self._two_part(self.T.ExternalLinkSeparator, self.T.ExternalLinkClose)
+        return (self.text(title) if title is not None else ""), None
+
+    def html_entity(self, _tok):
+        T, tok = self.T, self.next()
+        if type(tok) is T.HTMLEntityNumeric:
+            tok = self.next()
+            if type(tok) is T.HTMLEntityHex:
+                text = self.next()
+                self.next()  # HTMLEntityEnd
+                node = self.entity(text["text"], named=False, hexadecimal=True, hex_char=tok["char"])
+            else:
+                self.next()
+                node = self.entity(tok["text"], named=False, hexadecimal=False)
+        else:
+            self.next()
+            node = self.entity(tok["text"], named=True, hexadecimal=False)
+        return node.normalize(), None
+
+    def heading(self, _tok):
+        title = []
+        while True:
+            tok = self.next()
+            if type(tok) is self.T.HeadingEnd:
+                return "\n" + self.text(title).strip() + "\n", None
+            title.append(self.node(tok))
+
+    def attribute(self) -> None:
+        T = self.T
+        while True:
+            tok = self.next()
+            if type(tok) in (T.TagAttrStart, T.TagCloseOpen, T.TagCloseSelfclose):
+                self.i -= 1
+                return
+            if type(tok) not in (T.TagAttrEquals, T.TagAttrQuote):
+                self.node(tok)
+
+    def tag(self, _tok):
+        T = self.T
+        name = contents = None
+        stack: list = []
+        while True:
+            tok = self.next()
+            kind = type(tok)
+            if kind is T.TagAttrStart:
+                self.attribute()
+            elif kind is T.TagCloseOpen:
+                name, stack = stack, []
+            elif kind is T.TagOpenClose:
+                contents, stack = stack, []
+            elif kind is T.TagCloseSelfclose or kind is T.TagCloseClose:
+                if kind is T.TagCloseSelfclose:
+                    name = stack
+                tag = self.raw_prefix(name).lower()
+                out = "\n" if tag in ("br", "p") else ""
+                if tag not in DROP_TAGS and contents is not None:
+                    out += self.text(contents)
+                return out, None
+            else:
+                stack.append(self.node(tok))
+
+
+def _parse_render(markup: str) -> str:
+    """``_render(mwparserfromhell.parse(markup))``, from the tokens (:class:`_TokenRenderer`)."""
+    import mwparserfromhell  # optional extra: llamalab[data]
+
+    tokenizer = getattr(mwparserfromhell.parser.Parser(), "_tokenizer", None)
+    if tokenizer is None:  # another mwparserfromhell layout: the tree, as before
+        return _render(mwparserfromhell.parse(markup))
+    return _TokenRenderer(tokenizer.tokenize(markup, 0, False)).render()
+
+
 _REF = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.DOTALL | re.IGNORECASE)
 _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _LINK = re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]")
@@ -92,9 +253,7 @@ def _leftovers(text: str) -> str:
 
 def wikitext_to_text(markup: str) -> str:
     """Plain text of a wikitext page (no templates, refs, tables, media links or comments)."""
-    import mwparserfromhell  # optional extra: llamalab[data]
-
-    text = _leftovers(_render(mwparserfromhell.parse(markup)))
+    text = _leftovers(_parse_render(markup))
     lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if not re.fullmatch(r"[\W_]*", ln) or not ln]  # leftover punctuation rows
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
