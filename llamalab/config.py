@@ -132,7 +132,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             parser.add_argument(f.name, metavar=f.name.upper(), **kw)
         else:
             kw.setdefault("metavar", f.metadata.get("metavar"))
-            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **kw)
+            aliases = list(f.metadata.get("aliases", ())) if not prefix else []  # e.g. ["-k"]
+            parser.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, **kw)
 
 
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:

@@ -104,6 +104,42 @@ class RunDir:
         """SFT: the end summary (steps, losses, data, where model/ and adapter/ went)."""
         return self.root / "sft_summary.json"
 
+    # preference tuning: the reward model (llamalab rm) and rejection sampling
+    @property
+    def preference_data(self) -> Path:
+        """Preference tuning: the pair ledger (records read, kept, dropped by reason; train/held-out split)."""
+        return self.root / "preference_data.json"
+
+    @property
+    def rm_summary(self) -> Path:
+        """Reward model: the end summary (steps, held-out accuracy before/after, where model/ went)."""
+        return self.root / "rm_summary.json"
+
+    @property
+    def rejection_samples(self) -> Path:
+        """Rejection sampling: every prompt's K answers with their rewards (JSONL)."""
+        return self.root / "samples.jsonl"
+
+    @property
+    def rejection_kept(self) -> Path:
+        """Rejection sampling: the best answer per prompt as ShareGPT JSONL (``llamalab sft --format sharegpt``)."""
+        return self.root / "kept.jsonl"
+
+    @property
+    def rejection_summary(self) -> Path:
+        """Rejection sampling: counts, rewards and the best-of-K curve."""
+        return self.root / "rejection_summary.json"
+
+    @property
+    def dpo_reference(self) -> Path:
+        """DPO: the reference model's answer log-probs of every pair, computed once (resume reads them back)."""
+        return self.root / "dpo_reference.safetensors"
+
+    @property
+    def dpo_summary(self) -> Path:
+        """DPO: the end summary (steps, held-out accuracy before/after, where model/ and adapter/ went)."""
+        return self.root / "dpo_summary.json"
+
     # data
     @property
     def data(self) -> Path:

@@ -35,6 +35,8 @@ from llamalab.model.folder import (
 from llamalab.model.transformer import Transformer
 
 SUPPORTED_ARCHS = ("LlamaForCausalLM",)
+REWARD_ARCH = "LlamaForSequenceClassification"  # a reward model (llamalab.align.reward) exports as this
+REWARD_HEAD = "score.weight"  # its scalar head: the same name in both
 MAX_SHARD_BYTES = 5 * 1024**3
 # ModelConfig field -> the config.json field it is read from, so that an error names the user's field
 HF_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -288,10 +290,16 @@ def state_from_hf(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, where: str) 
 
 
 def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under HF names; a reward model (``score`` head, no LM head) as ``LlamaForSequenceClassification``."""
     cfg = model.cfg
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
+    reward = REWARD_HEAD in ours
+    if reward:
+        out[REWARD_HEAD] = ours[REWARD_HEAD].contiguous()
     for hf_name, name in name_map(cfg).items():
+        if reward and name == "output.weight":
+            continue
         w = ours[name]
         if hf_name.endswith("q_proj.weight"):
             w = permute_to_hf(w, cfg.n_heads)
@@ -425,7 +433,12 @@ def export_hf(model: Transformer, dst: str | Path, tok_path: str | Path | None =
     else:
         _save_sharded(sd, dst, total)
     bos = bos_id if bos_id is not None and bos_id >= 0 else None
+    if REWARD_HEAD in sd:
+        pad = reward_pad_id(tokenizer, stops)
     hf_cfg = config_to_hf(model.cfg, bos, _ids_field(stops), pad)
+    if REWARD_HEAD in sd:
+        hf_cfg.update({"architectures": [REWARD_ARCH], "num_labels": 1, "id2label": {"0": "LABEL_0"},
+                       "label2id": {"LABEL_0": 0}, "problem_type": "regression"})
     write_json_atomic(dst / "config.json", hf_cfg)
     write_json_atomic(dst / "generation_config.json", {"bos_token_id": bos, "eos_token_id": _ids_field(stops),
                                                        **({"pad_token_id": pad} if pad is not None else {})})
@@ -455,10 +468,29 @@ def _save_sharded(sd: dict[str, torch.Tensor], dst: Path, total: int) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def reward_pad_id(tokenizer: Any, stops: list[int]) -> int:
+    """``pad_token_id`` of an exported reward model. ``LlamaForSequenceClassification`` scores the rightmost token
+    that is not ``pad_token_id``, so the pad must never be a row's last real token (EOS, a turn closer): the
+    tokenizer's pad when it is none of those, else its unk, else BOS (only ever first), else 0."""
+    if tokenizer is None:
+        return 0
+    end = set(stops) | {tokenizer.eos_id}
+    for i in (tokenizer.pad_id, getattr(tokenizer, "unk_id", -1), tokenizer.bos_id, 0):
+        if i is not None and i >= 0 and i not in end:
+            return i
+    return 0
+
+
 def export_folder(src: str | Path, dst: str | Path) -> Path:
-    """llamalab model folder -> HF folder, with its tokenizer (any kind) and chat template."""
+    """llamalab model folder -> HF folder, with its tokenizer (any kind) and chat template; a reward model folder
+    (``kind: reward``) -> ``LlamaForSequenceClassification`` (``num_labels`` 1)."""
     from llamalab.tokenizer import load_folder_tokenizer
 
+    if read_config_json(Path(src) / "config.json").get("kind") == "reward":
+        from llamalab.align.reward import load_reward_model
+
+        rm, tok, meta = load_reward_model(src)
+        return export_hf(rm, dst, chat_template=jinja_for(meta, tok), tokenizer=tok)
     model, meta = load_model(src)
     tok = load_folder_tokenizer(src)
     if tok is None:

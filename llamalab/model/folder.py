@@ -355,6 +355,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     """Load a model folder (checksums verified) -> (model in eval mode, config.json contents)."""
     folder = Path(folder)
     cfg, meta = read_model_config(folder)
+    if meta.get("kind") == "reward":  # written by `llamalab rm`: a scalar head, no LM head
+        raise LlamalabError(f"{folder}: a reward model (config.json \"kind\": \"reward\"), not a language model; "
+                            f"score with `llamalab rm score` (llamalab.align.reward.load_reward_model)")
     if verify:
         verify_checksums(folder)
     weights = folder / "model.safetensors"

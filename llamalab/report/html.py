@@ -37,6 +37,21 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+STANDARD_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "mfu", "batch", "step_time",
+                    "elapsed", "loss_scale", "overflow"}
+
+
+def extra_metrics(rows: list[dict]) -> list[str]:
+    """Numeric metrics.jsonl keys beyond the loop's own (a loss_fn's statistics), each once, ``val_`` folded in."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            name = k[4:] if k.startswith("val_") else k
+            if name not in STANDARD_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                seen.setdefault(name)
+    return list(seen)
+
+
 def training_plots(rows: list[dict]) -> list[tuple[str, str]]:
     """(title, data URI) for loss, learning rate, gradient norm and throughput."""
     try:
@@ -57,6 +72,8 @@ def training_plots(rows: list[dict]) -> list[tuple[str, str]]:
         ("Throughput", [("tokens/s", "tokens_per_s")], "tokens / s"),
         ("Model FLOPs utilisation", [("MFU", "mfu")], "fraction of measured peak"),
     ]
+    panels += [(k.replace("_", " ").capitalize(), [("train", k), ("validation", f"val_{k}")], k)
+               for k in extra_metrics(rows)]  # a loss_fn's statistics: preference accuracy, margins, KL ...
     for title, series, ylabel in panels:
         if not any(r.get(key) is not None for _, key in series for r in rows):
             continue  # e.g. no MFU when no peak was measured
@@ -64,7 +81,7 @@ def training_plots(rows: list[dict]) -> list[tuple[str, str]]:
         for label, key in series:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+                ax.plot(*zip(*pts), label=label, marker="o" if key.startswith("val_") else None, markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -178,8 +195,13 @@ def write_report(run_dir: str | Path) -> Path:
             f'<figure><img alt="{html.escape(t)}" src="{u}"><figcaption>{html.escape(t)}</figcaption></figure>'
             for t, u in evimgs) + "</div>")
     sft_data = _read_json(run.sft_data)
+    pref = _read_json(run.preference_data)  # reward model, DPO: the pair ledger
     if sft_data and not manifest:
         parts += ["<h2>Fine-tuning data</h2>", sft_data_table(sft_data)]
+    elif pref and not manifest:
+        parts += ["<h2>Preference data</h2>", _table(["", "value"], [
+            [k, _fmt(v)] for k, v in pref.items() if not isinstance(v, (dict, list))] + [
+            [f"{k}: {r}", f"{n:,}"] for k in ("dropped", "fixes") for r, n in sorted(pref.get(k, {}).items())])]
     else:
         parts += ["<h2>Data mixture</h2>", mixture_table(manifest, summary)]
     if manifest:
