@@ -44,6 +44,9 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "serve": "llamalab.commands.serve",
     "report": "llamalab.commands.report",
     "release": {"": "llamalab.commands.release", "verify": "llamalab.commands.release_verify"},
+    "gatt": {"": "llamalab.commands.gatt", "eval": "llamalab.commands.gatt_eval"},
+    "judge": "llamalab.commands.judge",
+    "selfinstruct": "llamalab.commands.selfinstruct",
 }
 
 

@@ -9,6 +9,11 @@ Formats (JSON array or JSONL, optionally ``.gz``):
 - ``sharegpt``: ``{"conversations": [{"from", "value"}]}`` (ShareGPT / Vicuna), or OpenAI-style
   ``{"messages": [{"role", "content"}]}``. Roles: human/user -> user, gpt/assistant/chatgpt/model ->
   assistant, system -> system (first message only); anything else is an unknown role.
+  A message may carry ``"weight": 0`` (or 1, the default; axolotl's ShareGPT convention): an assistant
+  turn with weight 0 stays in the context but carries no loss. Ghost Attention data
+  (:mod:`llamalab.synth.gatt`) marks every turn but the last this way. Turns merged by the clean-up
+  below keep the loss if any of them had it; a conversation whose turns all have weight 0 is dropped
+  (``no_loss_turn``), as is a split chunk with none left (counted as a fix of its record).
 
 Conversations are normalised the way FastChat's Vicuna training does, and every fix is counted:
 leading assistant turns are dropped (ShareGPT scrapes often start mid-conversation), consecutive
@@ -247,7 +252,13 @@ def sharegpt_messages(rec: Any, fixes: Counter) -> list[dict[str, str]]:
             raise BadRecord("unknown_role", f"turn {i}: unknown role {t[rk]!r} (known: {', '.join(ROLE_MAP)})")
         if role == "system" and i > 0:
             raise BadRecord("misplaced_system", f"turn {i}: a system message after the first turn")
-        msgs.append({"role": role, "content": t[ck]})
+        msg = {"role": role, "content": t[ck]}
+        if "weight" in t:
+            w = t["weight"]
+            if isinstance(w, bool) or w not in (0, 1):
+                raise BadRecord("malformed", f"turn {i}: 'weight' must be 0 or 1, got {w!r}")
+            msg["weight"] = int(w)
+        msgs.append(msg)
     return normalise(msgs, fixes)
 
 
@@ -262,7 +273,9 @@ def normalise(msgs: list[dict[str, str]], fixes: Counter) -> list[dict[str, str]
     merged: list[dict[str, str]] = []
     for m in turns:
         if merged and merged[-1]["role"] == m["role"]:
-            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n\n" + m["content"]}
+            merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" + m["content"]}
+            if "weight" in merged[-1] or "weight" in m:  # the merged turn trains if any part did
+                merged[-1]["weight"] = max(merged[-1].get("weight", 1), m.get("weight", 1))
             fixes["same_role_merged"] += 1
         else:
             merged.append(dict(m))
@@ -278,14 +291,51 @@ def normalise(msgs: list[dict[str, str]], fixes: Counter) -> list[dict[str, str]
 # ----------------------------------------------------------------------------- rendering
 
 
-def _render(msgs: list[dict[str, str]], template: str, tok: Any) -> tuple[list[int], list[int]]:
-    return render(msgs, template, tok, add_generation_prompt=False)
+def _render(msgs: list[dict[str, Any]], template: str, tok: Any) -> tuple[list[int], list[int]]:
+    ids, mask = render(msgs, template, tok, add_generation_prompt=False)
+    weights = [m.get("weight", 1) for m in msgs if m["role"] == "assistant"]
+    if all(weights):
+        return ids, mask
+    runs = _mask_runs(mask)  # one run of loss tokens per assistant turn (content + its closer)
+    if len(runs) != len(weights):  # e.g. an empty answer with no closer token: find each turn by its prefix
+        runs = _turn_spans(msgs, template, tok, len(ids))
+    mask = list(mask)
+    for (a, b), w in zip(runs, weights):
+        if not w:
+            mask[a:b] = [0] * (b - a)
+    return ids, mask
+
+
+def _mask_runs(mask: list[int]) -> list[tuple[int, int]]:
+    runs, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _turn_spans(msgs: list[dict[str, Any]], template: str, tok: Any, n: int) -> list[tuple[int, int]]:
+    """[start, end) token span of each assistant turn: from the end of the prompt before it to the end of the
+    conversation rendered up to it."""
+    spans = []
+    for k, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            a = len(render(msgs[:k], template, tok, add_generation_prompt=True)[0])
+            b = len(render(msgs[:k + 1], template, tok, add_generation_prompt=False)[0]) if k + 1 < len(msgs) else n
+            spans.append((a, b))
+    return spans
 
 
 def render_example(msgs: list[dict[str, str]], template: str, tok: Any, max_len: int, overlong: str,
                    where: str, ledger: SFTLedger) -> list[Example]:
     """Render one conversation into 0+ examples of at most ``max_len`` tokens (module docstring rule)."""
     ids, mask = _render(msgs, template, tok)
+    if not any(mask[1:]):  # every assistant turn has weight 0
+        ledger.drop("no_loss_turn", where, "every assistant turn has weight 0 (nothing to train on)")
+        return []
     if len(ids) <= max_len:
         return [Example(ids, mask, where)]
     if overlong == "drop":
@@ -301,6 +351,9 @@ def render_example(msgs: list[dict[str, str]], template: str, tok: Any, max_len:
     out: list[Example] = []
     for chunk in _turn_chunks(msgs, template, tok, max_len):
         cids, cmask = _render(chunk, template, tok)
+        if not any(cmask[1:]):  # only weight-0 turns in this chunk
+            ledger.fixes["chunk_dropped_no_loss"] += 1
+            continue
         if len(cids) <= max_len:
             out.append(Example(cids, cmask, where))
             continue
