@@ -91,8 +91,15 @@ def _has_positional(cls: type) -> bool:
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """The init fields of ``cls``; those declared by a base class with ``FLAGS_LAST = True`` (shared run flags)
+    come after the subclass's own, so ``--help`` starts with what the command is about."""
     hints = typing.get_type_hints(cls)
-    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+    fields = [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
+    tail = next((b for b in cls.__mro__[1:] if b.__dict__.get("FLAGS_LAST")), None)
+    if tail is None:
+        return fields
+    last = {f.name for f in dataclasses.fields(tail)}
+    return [p for p in fields if p[0].name not in last] + [p for p in fields if p[0].name in last]
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",

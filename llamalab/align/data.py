@@ -26,6 +26,9 @@ Malformed records (invalid JSON, missing fields, wrong types) raise a :class:`Ll
 ``file:line`` by default, or are counted as ``malformed`` under ``on_error="skip"``. The ledger always
 balances: ``read == kept + sum(dropped)``.
 
+Prompts alone (PPO, rejection sampling: :func:`read_prompts`) come from the same pair files (each distinct prompt
+once) or from ``{"prompt": str | messages}`` / ``{"messages": [... ending with a user turn]}`` records.
+
 Encoding renders ``prompt + [assistant: answer]`` through :func:`llamalab.tokenizer.templates.render` (the one
 template implementation) for each answer. The loss mask is the template's assistant mask restricted to the
 *last* assistant turn (the answer and its closing token); earlier assistant turns of a multi-turn prompt are
@@ -120,7 +123,10 @@ def margin_of(rec: dict) -> float:
     return 0.0
 
 
-def _messages(value: Any, name: str) -> list[dict]:
+def parse_messages(value: Any, name: str) -> list[dict]:
+    """A record's role/content list (``name``: its field, for errors) -> ``[{"role", "content"}]`` with the
+    roles mapped to user/assistant/system (ShareGPT's ``from`` and role names as SFT reads them). Raises
+    :class:`~llamalab.finetune.data.BadRecord` (``malformed``) naming the field and index."""
     if not isinstance(value, list):
         raise BadRecord("malformed", f"'{name}' must be a string or a list of {{role, content}}")
     out = []
@@ -163,7 +169,7 @@ def _answer(value: Any, name: str) -> tuple[list[dict] | None, str]:
     """(conversation before the answer or None, answer text) of a chosen/rejected field."""
     if isinstance(value, str):
         return None, value
-    msgs = _messages(value, name)
+    msgs = parse_messages(value, name)
     if not msgs or msgs[-1]["role"] != "assistant":
         raise BadRecord("malformed", f"'{name}' as a list must end with an assistant message")
     return (msgs[:-1] or None), msgs[-1]["content"]
@@ -181,7 +187,7 @@ def pair_from_record(rec: Any) -> tuple[list[dict], str, str, float]:
     key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
     if key is not None:
         p = rec[key]
-        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, key)
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else parse_messages(p, key)
         for ctx in (ctx_c, ctx_r):  # whole conversations repeat the prompt: it must be that prompt
             if ctx is not None and ctx != prompt:
                 raise BadRecord("prompt_mismatch", f"the turns before the answer differ from '{key}'")
@@ -278,7 +284,8 @@ def _one(where: str, rec: Any, fmt: str, on_error: str, ledger: PreferenceLedger
     return PreferencePair(prompt, chosen, rejected, margin, where)
 
 
-def _prompt_key(prompt: list[dict]) -> str:
+def prompt_key(prompt: list[dict]) -> str:
+    """A prompt's identity: its (role, content) turns as JSON (equal prompts, equal keys)."""
     return json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
 
 
@@ -286,8 +293,110 @@ def prompts_of(pairs: Iterable[PreferencePair]) -> list[list[dict]]:
     """The distinct prompts, in first-seen order."""
     seen: dict[str, list[dict]] = {}
     for p in pairs:
-        seen.setdefault(_prompt_key(p.prompt), p.prompt)
+        seen.setdefault(prompt_key(p.prompt), p.prompt)
     return list(seen.values())
+
+# ---------------------------------------------- prompts (PPO, rejection sampling), records to score (``rm score``)
+
+
+@dataclass
+class PromptLedger:
+    """Records read, prompts kept, dropped by reason (first ``file:line`` examples), duplicates."""
+
+    read: int = 0
+    kept: int = 0
+    duplicates: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, where: str, why: str) -> None:
+        self.dropped[reason] += 1
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(f"{where}: {why}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"read": self.read, "kept": self.kept, "duplicates": self.duplicates, "dropped": dict(self.dropped),
+                "errors": self.errors}
+
+
+def prompt_of_record(rec: Any, fmt: str = "auto") -> list[dict]:
+    """The prompt of one record: a preference pair's (``pairs``/``hh`` by ``fmt``), ``{"prompt": str | messages}``
+    or ``{"messages": [... ending with a user turn]}``, cleaned as pairs are. Raises
+    :class:`~llamalab.finetune.data.BadRecord`."""
+    if isinstance(rec, dict) and ("chosen" in rec or "rejected" in rec):
+        return record_conversations(rec, fmt)[1][0][:-1]
+    if not isinstance(rec, dict) or ("prompt" not in rec and "messages" not in rec):
+        raise BadRecord("malformed", "expected {'prompt': str | messages}, {'messages': [...]} or a preference pair")
+    p = rec.get("prompt", rec.get("messages"))
+    msgs = [{"role": "user", "content": p}] if isinstance(p, str) else parse_messages(p, "prompt")
+    return clean_prompt(msgs, Counter())
+
+
+def read_prompts(paths: Sequence[str | Path], fmt: str = "auto", limit: int = 0,
+                 on_error: str = "raise") -> tuple[list[tuple[str, list[dict]]], PromptLedger]:
+    """The distinct prompts of ``paths`` in first-seen order, as (file:line, messages): a preference file's
+    prompts (``pairs``/HH-RLHF; each distinct prompt once) or prompt records (:func:`prompt_of_record`). Duplicates
+    are counted (``ledger.duplicates``); malformed records raise naming file:line, or are counted under
+    ``on_error="skip"``; other bad records are dropped with their reason. PPO and rejection sampling read prompts
+    by this."""
+    ledger = PromptLedger()
+    seen: set[str] = set()
+    out: list[tuple[str, list[dict]]] = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for where, rec in iter_records(path):
+            if limit and ledger.read >= limit:
+                break
+            ledger.read += 1
+            try:
+                if isinstance(rec, json.JSONDecodeError):
+                    raise BadRecord("malformed", f"invalid JSON ({rec.msg}, column {rec.colno})")
+                prompt = prompt_of_record(rec, fmt)
+            except BadRecord as e:
+                if e.reason == "malformed" and on_error == "raise":
+                    raise LlamalabError(f"{where}: {e} (--on-error skip counts and skips such records)") from None
+                ledger.drop(e.reason, where, str(e))
+                continue
+            key = prompt_key(prompt)
+            if key in seen:
+                ledger.duplicates += 1
+                continue
+            seen.add(key)
+            out.append((where, prompt))
+    ledger.kept = len(out)
+    return out, ledger
+
+
+ANSWER_FIELDS = ("answer", "response", "completion", "output")
+
+
+def record_conversations(rec: Any, fmt: str = "auto") -> tuple[str, list[list[dict]]]:
+    """One record of a file to score -> ("pair", [prompt+chosen, prompt+rejected]) for a preference pair (``pairs``
+    or ``hh`` format, as :func:`llamalab.align.data.read_preferences` reads them), or ("answer", [conversation])
+    for ``{"prompt": str | messages, "answer" | "response" | "completion" | "output": str}`` or ``{"messages":
+    [..., {"role": "assistant", ...}]}``. Raises :class:`~llamalab.finetune.data.BadRecord`."""
+    if not isinstance(rec, dict):
+        raise BadRecord("malformed", f"expected a JSON object, got {type(rec).__name__}")
+    if "chosen" in rec or "rejected" in rec:
+        f = detect_format(rec) if fmt == "auto" else fmt
+        raw, chosen, rejected, _ = hh_from_record(rec) if f == "hh" else pair_from_record(rec)
+        prompt = clean_prompt(raw, Counter())
+        return "pair", [prompt + [{"role": "assistant", "content": a}] for a in (chosen, rejected)]
+    key = next((k for k in ANSWER_FIELDS if k in rec), None)
+    if key is not None:
+        if not isinstance(rec[key], str):
+            raise BadRecord("malformed", f"'{key}' must be a string")
+        p = rec.get("prompt", rec.get("messages"))
+        if p is None:
+            raise BadRecord("malformed", f"'{key}' needs a 'prompt' (a string or role/content messages)")
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else parse_messages(p, "prompt")
+        return "answer", [clean_prompt(prompt, Counter()) + [{"role": "assistant", "content": rec[key]}]]
+    if "messages" in rec:
+        msgs = parse_messages(rec["messages"], "messages")
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise BadRecord("malformed", "'messages' must end with the assistant answer to score")
+        return "answer", [clean_prompt(msgs[:-1], Counter()) + msgs[-1:]]
+    raise BadRecord("malformed", f"expected chosen/rejected (a pair), prompt + one of {'/'.join(ANSWER_FIELDS)}, "
+                                 f"or messages ending with an assistant turn")
 
 
 def _hash01(key: str, seed: int) -> float:
@@ -304,13 +413,13 @@ def split_by_prompt(pairs: list[PreferencePair], heldout_fraction: float,
         raise LlamalabError(f"heldout_fraction: must be in [0, 1), got {heldout_fraction}")
     if not heldout_fraction or not pairs:
         return list(pairs), []
-    score = {k: _hash01(k, seed) for k in {_prompt_key(p.prompt) for p in pairs}}
+    score = {k: _hash01(k, seed) for k in {prompt_key(p.prompt) for p in pairs}}
     held = {k for k, s in score.items() if s < heldout_fraction} or {min(score, key=score.get)}
     if len(held) == len(score):
         raise LlamalabError(f"--heldout-fraction {heldout_fraction} leaves no training prompts "
                             f"({len(score)} distinct prompts)")
-    train = [p for p in pairs if _prompt_key(p.prompt) not in held]
-    return train, [p for p in pairs if _prompt_key(p.prompt) in held]
+    train = [p for p in pairs if prompt_key(p.prompt) not in held]
+    return train, [p for p in pairs if prompt_key(p.prompt) in held]
 
 
 # ----------------------------------------------------------------------------- encoding

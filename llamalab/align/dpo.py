@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from llamalab.align.data import EncodedPair, PairBatch, answer_logprobs, collate_pairs
 from llamalab.align.losses import LOSSES, dpo_loss, reward_accuracy
 from llamalab.common import LlamalabError, Progress, is_rank0, print0
+from llamalab.finetune.packing import batch_indices
 from llamalab.train.optim import OptimConfig
 
 FULL_LR, LORA_LR = 5e-7, 5e-6
@@ -95,12 +95,7 @@ def make_batch_fn(encoded: Sequence[EncodedPair], ref: torch.Tensor | None, g: i
     gets one pair of weight 0, so every rank still runs backward."""
 
     def batch(b: int) -> list[DPOBatch]:
-        epoch, j = divmod(b, per_epoch)
-        order = list(range(len(encoded)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        picked = order[j * g:(j + 1) * g]
-        share = -(-len(picked) // world)
-        mine = picked[rank * share:(rank + 1) * share]
+        picked, mine = batch_indices(len(encoded), g, per_epoch, seed, b, rank, world)
         if not mine:
             return [_dpo_batch(encoded, ref, picked[:1], pad_id, weight=0.0)]
         return [_dpo_batch(encoded, ref, mine[k:k + micro], pad_id) for k in range(0, len(mine), micro)]

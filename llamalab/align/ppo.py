@@ -684,7 +684,7 @@ class PPOGuardConfig(GuardConfig):
 
 def encode_prompts(records: list[tuple[str, list[dict]]], tokenizer: Any, template: str, max_len: int,
                    ledger: Any) -> tuple[list[list[dict]], list[list[int]]]:
-    """Each prompt (``(file:line, messages)`` from :func:`llamalab.align.rejection.read_prompts`) rendered with the
+    """Each prompt (``(file:line, messages)`` from :func:`llamalab.align.data.read_prompts`) rendered with the
     generation prompt (the assistant header); prompts longer than ``max_len`` tokens are dropped and counted in
     ``ledger`` (reason ``prompt_too_long``, with their file:line). Returns (prompts kept, their ids)."""
     from llamalab.tokenizer.templates import render

@@ -10,10 +10,10 @@ prompt's K samples, averaged over prompts. With the K rewards sorted, ``r_(1) <=
 random k-subset is ``r_(i)`` with probability ``C(i-1, k-1) / C(K, k)`` (:func:`expected_best_of`); k = 1 is the
 mean reward of one sample, k = K the best of all K. The gap between the two is what rejection sampling buys.
 
-Prompts (:func:`read_prompts`): preference files (``pairs`` or HH-RLHF; each distinct prompt once) or prompt
-records ``{"prompt": str | messages}`` / ``{"messages": [... ending with a user turn]}``. Duplicates are counted
-and sampled once; a prompt whose rendering leaves no room for an answer in the policy's context is dropped with a
-reason; a best answer that is empty is not written to the kept set (counted).
+Prompts (:func:`llamalab.align.data.read_prompts`, as PPO reads them): preference files (``pairs`` or HH-RLHF; each
+distinct prompt once) or prompt records ``{"prompt": str | messages}`` / ``{"messages": [... ending with a user
+turn]}``. Duplicates are counted and sampled once; a prompt whose rendering leaves no room for an answer in the
+policy's context is dropped with a reason; a best answer that is empty is not written to the kept set (counted).
 """
 
 from __future__ import annotations
@@ -22,79 +22,11 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llamalab.common import LlamalabError, Progress
-
-MAX_ERRORS_KEPT = 20
-
-
-@dataclass
-class PromptLedger:
-    """Records read, prompts kept, dropped by reason (first ``file:line`` examples), duplicates."""
-
-    read: int = 0
-    kept: int = 0
-    duplicates: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-
-    def drop(self, reason: str, where: str, why: str) -> None:
-        self.dropped[reason] += 1
-        if len(self.errors) < MAX_ERRORS_KEPT:
-            self.errors.append(f"{where}: {why}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"read": self.read, "kept": self.kept, "duplicates": self.duplicates, "dropped": dict(self.dropped),
-                "errors": self.errors}
-
-
-def _prompt_of(rec: Any, fmt: str) -> list[dict]:
-    from llamalab.align.data import _messages, clean_prompt
-    from llamalab.align.reward import record_conversations
-    from llamalab.finetune.data import BadRecord
-
-    if isinstance(rec, dict) and ("chosen" in rec or "rejected" in rec):
-        return record_conversations(rec, fmt)[1][0][:-1]
-    if not isinstance(rec, dict) or ("prompt" not in rec and "messages" not in rec):
-        raise BadRecord("malformed", "expected {'prompt': str | messages}, {'messages': [...]} or a preference pair")
-    p = rec.get("prompt", rec.get("messages"))
-    msgs = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
-    return clean_prompt(msgs, Counter())
-
-
-def read_prompts(paths: Sequence[str | Path], fmt: str = "auto", limit: int = 0,
-                 on_error: str = "raise") -> tuple[list[tuple[str, list[dict]]], PromptLedger]:
-    """The distinct prompts of ``paths`` in first-seen order, as (file:line, messages) (module docstring)."""
-    from llamalab.finetune.data import BadRecord, iter_records
-
-    ledger = PromptLedger()
-    seen: set[str] = set()
-    out: list[tuple[str, list[dict]]] = []
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        for where, rec in iter_records(path):
-            if limit and ledger.read >= limit:
-                break
-            ledger.read += 1
-            try:
-                if isinstance(rec, json.JSONDecodeError):
-                    raise BadRecord("malformed", f"invalid JSON ({rec.msg}, column {rec.colno})")
-                prompt = _prompt_of(rec, fmt)
-            except BadRecord as e:
-                if e.reason == "malformed" and on_error == "raise":
-                    raise LlamalabError(f"{where}: {e} (--on-error skip counts and skips such records)") from None
-                ledger.drop(e.reason, where, str(e))
-                continue
-            key = json.dumps([[m["role"], m["content"]] for m in prompt], ensure_ascii=False)
-            if key in seen:
-                ledger.duplicates += 1
-                continue
-            seen.add(key)
-            out.append((where, prompt))
-    ledger.kept = len(out)
-    return out, ledger
+from llamalab.align.data import PromptLedger
+from llamalab.common import Progress
 
 
 def expected_best_of(rewards: Sequence[float], k: int) -> float:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamalab.align.data import EncodedPair, PairBatch, collate_pairs
+from llamalab.align.data import EncodedPair, PairBatch, collate_pairs, record_conversations
 from llamalab.common import LlamalabError
+from llamalab.finetune.packing import batch_indices, pad_id_of
 from llamalab.model.config import ModelConfig
 from llamalab.model.layers import WeightInit
 from llamalab.model.transformer import Transformer
@@ -148,12 +148,7 @@ def pair_batch_fn(pairs: Sequence[EncodedPair], g: int, per_epoch: int, micro: i
     A rank left without pairs (a short last batch) gets one pair counted as zero units."""
 
     def batch(b: int) -> list[PairBatch]:
-        epoch, j = divmod(b, per_epoch)
-        order = list(range(len(pairs)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        picked = [pairs[i] for i in order[j * g:(j + 1) * g]]
-        share = -(-len(picked) // world)
-        mine = picked[rank * share:(rank + 1) * share]
+        picked, mine = ([pairs[i] for i in ix] for ix in batch_indices(len(pairs), g, per_epoch, seed, b, rank, world))
         if not mine:
             empty = collate_pairs(picked[:1], pad_id)
             empty.margin = empty.margin[:0]
@@ -170,11 +165,6 @@ def eval_pair_batches(pairs: Sequence[EncodedPair], micro: int, pad_id: int):
 
 
 # ----------------------------------------------------------------------------- folders
-
-
-def pad_id_of(tok: Any) -> int:
-    """The id right-padding uses (never read: rewards come from the last real token)."""
-    return next(i for i in (tok.pad_id, tok.eos_id, 0) if i >= 0)
 
 
 def save_reward_model(folder: str | Path, rm: RewardModel, tokenizer: Any, template: str,
@@ -349,48 +339,11 @@ def finish_rm(run: Any, rm: RewardModel, *, lora: Any, base: Path, data: Sequenc
 
 # ----------------------------------------------------------------------------- scoring files (llamalab rm score)
 
-ANSWER_FIELDS = ("answer", "response", "completion", "output")
-
-
-def record_conversations(rec: Any, fmt: str = "auto") -> tuple[str, list[list[dict]]]:
-    """One record of a file to score -> ("pair", [prompt+chosen, prompt+rejected]) for a preference pair (``pairs``
-    or ``hh`` format, as :func:`llamalab.align.data.read_preferences` reads them), or ("answer", [conversation])
-    for ``{"prompt": str | messages, "answer" | "response" | "completion" | "output": str}`` or ``{"messages":
-    [..., {"role": "assistant", ...}]}``. Raises :class:`~llamalab.finetune.data.BadRecord`."""
-    from collections import Counter
-
-    from llamalab.align.data import _messages, clean_prompt, detect_format, hh_from_record, pair_from_record
-    from llamalab.finetune.data import BadRecord
-
-    if not isinstance(rec, dict):
-        raise BadRecord("malformed", f"expected a JSON object, got {type(rec).__name__}")
-    if "chosen" in rec or "rejected" in rec:
-        f = detect_format(rec) if fmt == "auto" else fmt
-        raw, chosen, rejected, _ = hh_from_record(rec) if f == "hh" else pair_from_record(rec)
-        prompt = clean_prompt(raw, Counter())
-        return "pair", [prompt + [{"role": "assistant", "content": a}] for a in (chosen, rejected)]
-    key = next((k for k in ANSWER_FIELDS if k in rec), None)
-    if key is not None:
-        if not isinstance(rec[key], str):
-            raise BadRecord("malformed", f"'{key}' must be a string")
-        p = rec.get("prompt", rec.get("messages"))
-        if p is None:
-            raise BadRecord("malformed", f"'{key}' needs a 'prompt' (a string or role/content messages)")
-        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
-        return "answer", [clean_prompt(prompt, Counter()) + [{"role": "assistant", "content": rec[key]}]]
-    if "messages" in rec:
-        msgs = _messages(rec["messages"], "messages")
-        if not msgs or msgs[-1]["role"] != "assistant":
-            raise BadRecord("malformed", "'messages' must end with the assistant answer to score")
-        return "answer", [clean_prompt(msgs[:-1], Counter()) + msgs[-1:]]
-    raise BadRecord("malformed", f"expected chosen/rejected (a pair), prompt + one of {'/'.join(ANSWER_FIELDS)}, "
-                                 f"or messages ending with an assistant turn")
-
-
 def score_records(rm: RewardModel, tokenizer: Any, template: str, paths: Sequence[str | Path], fmt: str = "auto",
                   batch_size: int = 8, on_error: str = "raise", limit: int = 0
                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Score every record of ``paths`` (:func:`record_conversations`) -> (one output row per record, summary).
+    """Score every record of ``paths`` (:func:`llamalab.align.data.record_conversations`) -> (one output row per
+    record, summary).
 
     A pair row: ``reward_chosen``, ``reward_rejected``, ``chosen_wins`` (r_chosen > r_rejected); an answer row:
     ``reward``. Each row carries ``where`` (file:line) and the record's ``id`` when it has one. The summary counts

@@ -27,7 +27,6 @@ and ``report.html``.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,22 +52,28 @@ from llamalab.common import LlamalabError, is_rank0, print0, seed_everything, wr
 from llamalab.config import to_dict
 from llamalab.finetune.lora import LoRAConfig, apply_lora
 from llamalab.finetune.outputs import base_record
-from llamalab.finetune.packing import plan_steps
+from llamalab.finetune.packing import pad_id_of, plan_steps
+from llamalab.finetune.stage import (
+    StageConfig,
+    check_warmup,
+    load_base,
+    loop_settings,
+    parallel_model,
+    print_dropped,
+    stage_optimizer,
+)
 from llamalab.model.config import flops_per_token
 from llamalab.model.folder import load
 from llamalab.run_dir import RunDir
-from llamalab.tokenizer.templates import TEMPLATES, resolve_template
-from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy, unwrap
+from llamalab.tokenizer.templates import TEMPLATES
+from llamalab.train.distributed import unwrap
 from llamalab.train.meta import files_record, run_meta, write_meta
-from llamalab.train.optim import build_optimizer, warmup_steps_for
-from llamalab.train.setup import autocast_for
-from llamalab.train.stability import GuardConfig
 from llamalab.train.step import evaluate_loss
-from llamalab.train.trainer import LoopSettings, Trainer
+from llamalab.train.trainer import Trainer
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     base: str = field(default="", metadata={"help": "the policy to start from (an SFT model): a llamalab model or run "
                                                    "folder, a Hugging Face folder or a .gguf file"})
     reference: str = field(default="", metadata={"help": "the reference model (default: the base)"})
@@ -90,27 +95,13 @@ class Config:
     heldout_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of the prompts for "
                                                                    "held-out accuracy (0: none)"})
     eval_interval: int = field(default=50, metadata={"help": "steps between held-out evaluations"})
-    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
-                                                     "help": "malformed records: stop with file:line, or count "
-                                                             "and skip"})
-    limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
     epochs: float = 1.0
     batch_size: int = field(default=64, metadata={"help": "pairs per optimizer step"})
     micro_batch_size: int = field(default=0, metadata={"help": "pairs per forward pass (0: min(batch, 4))"})
     steps: int = field(default=0, metadata={"help": "optimizer steps (0: epochs * ceil(pairs / batch_size))"})
     optim: DPOOptimConfig = field(default_factory=DPOOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
-        "help": "under torchrun: strategy ddp (auto) or fsdp; activation checkpointing; compile"})
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
-    checkpoint_interval: int = field(default=500, metadata={"help": "steps between checkpoints (and at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
-    stop_after: int = 0
-    max_seconds: float = 0.0
-    seed: int = 1337
-    resume: bool = False
+    # --on-error, --limit, --parallel.*, --guard.*, --device ... --resume: StageConfig
 
     def validate(self) -> None:
         if not self.base:
@@ -129,9 +120,7 @@ class Config:
             raise LlamalabError(f"dpo: --heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.epochs <= 0 and not self.steps:
             raise LlamalabError("dpo: --epochs must be > 0 (or give --steps)")
-        if self.optim.warmup_steps and self.optim.warmup_ratio:
-            raise LlamalabError(f"dpo: --optim.warmup-steps {self.optim.warmup_steps} is ignored while "
-                                f"--optim.warmup-ratio is {self.optim.warmup_ratio:g}: add --optim.warmup-ratio 0")
+        check_warmup("dpo", self.optim)
         if self.reference and self.lora.rank:
             raise LlamalabError("dpo: with LoRA the frozen base is the reference; leave out --reference")
         self.optim.validate()
@@ -140,14 +129,9 @@ class Config:
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
-    autocast = autocast_for(device, dtype)
-    loaded = load(cfg.base, device="cpu", dtype=torch.float32)
-    model, meta, base, tok = loaded.model, loaded.meta, loaded.path, loaded.tokenizer
-    template = resolve_template(meta, cfg.template or None)
-    max_len = cfg.max_len or model.cfg.max_seq_len
-    if max_len > model.cfg.max_seq_len:
-        raise LlamalabError(f"--max-len {max_len} exceeds the model's context ({model.cfg.max_seq_len})")
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.max_len, "--max-len")
+    device, dtype, rank, world, autocast = b.device, b.dtype, b.rank, b.world, b.autocast
+    model, meta, base, tok, template, max_len = b.model, b.meta, b.path, b.tokenizer, b.template, b.length
 
     t0 = time.perf_counter()
     pairs, ledger = read_preferences(cfg.data, cfg.format, cfg.limit, cfg.on_error)
@@ -156,8 +140,7 @@ def main(cfg: Config) -> dict[str, Any]:
     held = encode_pairs(held_p, tok, template, max_len, ledger)
     print0(f"dpo data: {ledger.summary()} | {len(train)} train, {len(held)} held-out pairs "
            f"({time.perf_counter() - t0:.1f}s)")
-    for e in ledger.errors[:5]:
-        print0(f"  dropped {e}")
+    print_dropped(ledger.errors)
     run = RunDir(cfg.run_dir)
     if is_rank0():
         run.root.mkdir(parents=True, exist_ok=True)
@@ -170,7 +153,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if g % world:
         raise LlamalabError(f"dpo: --batch-size {g} pairs does not divide by the {world} data-parallel processes")
     micro = cfg.micro_batch_size or min(g // world, 4)
-    pad_id = next(i for i in (tok.pad_id, tok.eos_id, 0) if i >= 0)  # padding carries no loss
+    pad_id = pad_id_of(tok)  # padding carries no loss
 
     other = load(cfg.reference, device="cpu", dtype=torch.float32) if cfg.reference else None
     if other is not None and other.model.cfg.vocab_size != model.cfg.vocab_size:
@@ -198,20 +181,11 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.lora.rank:
         n_trainable = apply_lora(model, cfg.lora)
     model.to(device)
-    pcfg = dataclasses.replace(cfg.parallel, fused_loss=False)  # the loss needs the logits of answer tokens
-    strategy = resolve_strategy(pcfg, world)
-    if strategy == "tp":
-        raise LlamalabError("dpo: parallel.strategy tp is not supported; use ddp or fsdp")
-    net = parallelize(model, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
-    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.peak_lr(bool(cfg.lora.rank)))
-    optimizer = build_optimizer(model, optim, optim.lr)
+    net, strategy = parallel_model(model, cfg.parallel, device, dtype, world, "dpo")
+    optim, optimizer = stage_optimizer(model, cfg.optim, bool(cfg.lora.rank))
     live = live_reference(net, frozen) if cfg.reference_mode == "live" else None
     loss_fn = dpo_loss_fn(cfg.beta, cfg.loss, cfg.label_smoothing, live)
-    settings = LoopSettings(
-        name="dpo", run_dir=run.root, steps=steps, peak_lr=optim.lr, warmup=warmup_steps_for(optim, steps),
-        min_lr_ratio=optim.min_lr_ratio, grad_clip=optim.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
-        keep_last=cfg.keep_last, eval_interval=cfg.eval_interval if held else 0, stop_after=cfg.stop_after,
-        max_seconds=cfg.max_seconds, resume=cfg.resume, guard=cfg.guard)
+    settings = loop_settings("dpo", run.root, cfg, optim, steps, cfg.eval_interval if held else 0)
     eval_fn = (lambda m, ac: evaluate_loss(m, eval_batches(held, ref_held, micro, pad_id), ac, loss_fn,
                                            with_stats=True)) if held else None
     trainer = Trainer(net, optimizer, settings, make_batch_fn(train, ref_train, g, per_epoch, micro, pad_id,

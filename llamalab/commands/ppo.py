@@ -30,14 +30,11 @@ reference, beta, answer length), ``summary.json`` (one line per iteration), ``sa
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from llamalab.align.data import FORMATS
+from llamalab.align.data import FORMATS, read_prompts
 from llamalab.align.ppo import (
     COMBINE,
     PPOBatches,
@@ -53,23 +50,21 @@ from llamalab.align.ppo import (
     model_path,
     reference_model,
 )
-from llamalab.align.rejection import read_prompts
 from llamalab.common import LlamalabError, print0, seed_everything
 from llamalab.config import to_dict
 from llamalab.finetune.outputs import base_record
+from llamalab.finetune.stage import StageConfig, load_base, parallel_model, print_dropped, stage_optimizer
 from llamalab.model.config import flops_per_token
-from llamalab.model.folder import load
 from llamalab.run_dir import RunDir
-from llamalab.tokenizer.templates import TEMPLATES, resolve_template, stop_token_ids
-from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
+from llamalab.tokenizer.templates import TEMPLATES, stop_token_ids
+from llamalab.train.distributed import ParallelConfig
 from llamalab.train.meta import files_record, run_meta, write_meta
-from llamalab.train.optim import build_optimizer, warmup_steps_for
-from llamalab.train.setup import autocast_for
+from llamalab.train.optim import warmup_steps_for
 from llamalab.train.trainer import LoopSettings, Trainer
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     policy: str = field(default="", metadata={"help": "the starting policy (an SFT model): a llamalab model or run "
                                                      "folder, a Hugging Face folder or a .gguf file"})
     reference: str = field(default="", metadata={"help": "the frozen reference model (default: the starting "
@@ -90,10 +85,6 @@ class Config:
     format: str = field(default="auto", metadata={"choices": list(FORMATS),
                                                   "help": "pairs: {prompt|messages, chosen, rejected}; "
                                                           "hh: Anthropic HH-RLHF dialogues"})
-    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
-                                                     "help": "malformed records: stop with file:line, or count "
-                                                             "and skip"})
-    limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
     template: str = field(default="", metadata={"help": f"chat template ({', '.join(TEMPLATES)}); default: "
                                                        "the policy's own"})
     run_dir: str = field(default="runs/ppo", metadata={"help": "where the run's record and model/ go"})
@@ -106,15 +97,12 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
         "help": "under torchrun: strategy ddp (auto); fsdp and tp are not supported by ppo yet"})
     guard: PPOGuardConfig = field(default_factory=PPOGuardConfig)
-    device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
+    # PPO counts checkpoints and stops in iterations: these override StageConfig's defaults and help
     checkpoint_interval: int = field(default=10, metadata={"help": "iterations between checkpoints (and at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
     stop_after: int = field(default=0, metadata={"help": "stop (with a checkpoint) after N iterations this run"})
     max_seconds: float = field(default=0.0, metadata={"help": "stop after this long (may cut an iteration: its "
                                                               "rollouts are then sampled again on --resume)"})
-    seed: int = 1337
-    resume: bool = False
+    # --on-error, --limit, --device, --dtype, --keep-last, --seed, --resume: StageConfig
 
     def validate(self) -> None:
         if not self.policy:
@@ -136,11 +124,10 @@ class Config:
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
+    b = load_base(cfg.policy, cfg.template, cfg.device, cfg.dtype)
+    device, dtype, rank, world, autocast = b.device, b.dtype, b.rank, b.world, b.autocast
     cfg.ppo.validate(world)
-    loaded = load(cfg.policy, device="cpu", dtype=torch.float32)
-    policy, meta, base, tok = loaded.model, loaded.meta, loaded.path, loaded.tokenizer
-    template = resolve_template(meta, cfg.template or None)
+    policy, meta, base, tok, template = b.model, b.meta, b.path, b.tokenizer, b.template
     ctx = policy.cfg.max_seq_len
     if cfg.ppo.max_new_tokens >= ctx:
         raise LlamalabError(f"--ppo.max-new-tokens {cfg.ppo.max_new_tokens} leaves no room for a prompt in the "
@@ -153,8 +140,7 @@ def main(cfg: Config) -> dict[str, Any]:
     print0(f"ppo prompts: {ledger.read} records read, {len(records)} distinct prompts ({ledger.duplicates} "
            f"duplicates), {len(prompts)} used, dropped {dict(ledger.dropped) or 'none'} "
            f"({time.perf_counter() - t0:.1f}s)")
-    for e in ledger.errors[:5]:
-        print0(f"  dropped {e}")
+    print_dropped(ledger.errors)
     if not prompts:
         raise LlamalabError(f"ppo: no usable prompts in {', '.join(cfg.data)} (see the counts above)")
     run = RunDir(cfg.run_dir)
@@ -168,17 +154,12 @@ def main(cfg: Config) -> dict[str, Any]:
         reference.to(device)
     scorer, reward_records = build_scorer(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, cfg.reward_combine,
                                           cfg.safety_threshold, device, cfg.ppo.rollout_micro)
-    pcfg = dataclasses.replace(cfg.parallel, fused_loss=False)  # PPO reads the logits of every answer token
-    strategy = resolve_strategy(pcfg, world)
-    if strategy in ("fsdp", "tp"):
-        raise LlamalabError(f"ppo: parallel.strategy {strategy} is not supported yet; use ddp")
-    net = parallelize(model, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
-    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.peak_lr(lora))
-    optimizer = build_optimizer(model, optim, optim.lr)
+    net, strategy = parallel_model(model, cfg.parallel, device, dtype, world, "ppo", allowed=("ddp",),
+                                   unsupported=" yet")
+    optim, optimizer = stage_optimizer(model, cfg.optim, lora)
     updates = cfg.ppo.updates_per_iteration()
     steps = cfg.iterations * updates
     micro = cfg.micro_batch_size or min(cfg.ppo.minibatch // world, 8)
-    autocast = autocast_for(device, dtype)
     samples: list[dict[str, Any]] = []
     batches = PPOBatches(model, reference, scorer, prompts, prompt_ids, tok,
                          {tok.eos_id, *stop_token_ids(template, tok)}, cfg.ppo, micro, cfg.seed, rank, world, device,

@@ -20,12 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamalab.align.data import FORMATS
+from llamalab.align.data import FORMATS, read_prompts
 from llamalab.align.rejection import (
     best_of_k_curve,
     curve_figure,
     engine_context,
-    read_prompts,
     render_prompts,
     sample_answers,
     select_best,

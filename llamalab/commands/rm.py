@@ -25,19 +25,15 @@ Outputs in ``--run-dir``:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from llamalab.align.data import FORMATS, encode_pairs, read_preferences, split_by_prompt
 from llamalab.align.reward import (
     HeldoutEval,
     RMOptimConfig,
     finish_rm,
-    pad_id_of,
     pair_batch_fn,
     ranking_loss,
     reward_model_from,
@@ -46,21 +42,26 @@ from llamalab.common import LlamalabError, is_rank0, print0, seed_everything, wr
 from llamalab.config import to_dict
 from llamalab.finetune.lora import LoRAConfig, apply_lora
 from llamalab.finetune.outputs import base_record
-from llamalab.finetune.packing import plan_steps
+from llamalab.finetune.packing import pad_id_of, plan_steps
+from llamalab.finetune.stage import (
+    StageConfig,
+    check_warmup,
+    load_base,
+    loop_settings,
+    parallel_model,
+    print_dropped,
+    stage_optimizer,
+)
 from llamalab.model.config import flops_per_token
-from llamalab.model.folder import load
 from llamalab.run_dir import RunDir
-from llamalab.tokenizer.templates import TEMPLATES, resolve_template
-from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
+from llamalab.tokenizer.templates import TEMPLATES
+from llamalab.train.distributed import ParallelConfig
 from llamalab.train.meta import files_record, run_meta, write_meta
-from llamalab.train.optim import build_optimizer, warmup_steps_for
-from llamalab.train.setup import autocast_for
-from llamalab.train.stability import GuardConfig
-from llamalab.train.trainer import LoopSettings, Trainer
+from llamalab.train.trainer import Trainer
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     base: str = field(default="", metadata={"help": "the model to start from (Llama 2: the chat model): a llamalab "
                                                    "model or run folder, a Hugging Face folder or a .gguf file"})
     data: list[str] = field(default_factory=list, metadata={"help": "preference file(s), JSON or JSONL (.gz ok)"})
@@ -72,10 +73,6 @@ class Config:
     max_len: int = field(default=0, metadata={"help": "tokens per prompt + answer (0: the model's context); "
                                                       "longer answers are cut"})
     heldout_fraction: float = field(default=0.1, metadata={"help": "prompts held out for accuracy (seeded hash)"})
-    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
-                                                     "help": "malformed records: stop with file:line, or count "
-                                                             "and skip"})
-    limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
     eval_interval: int = field(default=50, metadata={"help": "steps between held-out evaluations (and at the end)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (Llama 2: 1)"})
     batch_size: int = field(default=512, metadata={"help": "pairs per optimizer step (Llama 2: 512)"})
@@ -85,15 +82,7 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
         "help": "under torchrun: strategy ddp (auto); activation checkpointing; compile"})
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
-    checkpoint_interval: int = field(default=500, metadata={"help": "steps between checkpoints (and at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
-    stop_after: int = 0
-    max_seconds: float = 0.0
-    seed: int = 1337
-    resume: bool = False
+    # --on-error, --limit, --guard.*, --device ... --resume: StageConfig
 
     def validate(self) -> None:
         if not self.base:
@@ -110,22 +99,16 @@ class Config:
             raise LlamalabError("rm: --epochs must be > 0 (or give --steps)")
         if self.max_len < 0:
             raise LlamalabError(f"rm: --max-len must be >= 0, got {self.max_len}")
-        if self.optim.warmup_steps and self.optim.warmup_ratio:
-            raise LlamalabError(f"rm: --optim.warmup-steps {self.optim.warmup_steps} is ignored while "
-                                f"--optim.warmup-ratio is {self.optim.warmup_ratio:g}: add --optim.warmup-ratio 0")
+        check_warmup("rm", self.optim)
         self.optim.validate()
         self.lora.validate()
 
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
-    loaded = load(cfg.base, device="cpu", dtype=torch.float32)
-    model, meta, base, tok = loaded.model, loaded.meta, loaded.path, loaded.tokenizer
-    template = resolve_template(meta, cfg.template or None)
-    max_len = cfg.max_len or model.cfg.max_seq_len
-    if max_len > model.cfg.max_seq_len:
-        raise LlamalabError(f"--max-len {max_len} exceeds the model's context ({model.cfg.max_seq_len})")
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.max_len, "--max-len")
+    device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
+    base, tok, template, max_len = b.path, b.tokenizer, b.template, b.length
 
     t0 = time.perf_counter()
     pairs, ledger = read_preferences(cfg.data, cfg.format, cfg.limit, cfg.on_error)
@@ -135,8 +118,7 @@ def main(cfg: Config) -> dict[str, Any]:
     split = {"train": len(train), "heldout": len(held), "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed}
     print0(f"rm data: {ledger.summary()} | {len(train)} train, {len(held)} held-out pairs "
            f"({time.perf_counter() - t0:.1f}s)")
-    for e in ledger.errors[:5]:
-        print0(f"  dropped {e}")
+    print_dropped(ledger.errors)
     if not train:
         raise LlamalabError(f"rm: no usable training pairs in {', '.join(cfg.data)} (see the counts above)")
     g, per_epoch, steps = plan_steps(len(train), cfg.batch_size, cfg.epochs, cfg.steps)
@@ -150,33 +132,25 @@ def main(cfg: Config) -> dict[str, Any]:
                                                 "template": template})
 
     seed_everything(cfg.seed)
-    rm = reward_model_from(model)
-    del model, loaded
+    rm = reward_model_from(b.model)
+    b.model = None  # the reward model took its weights
     n_trainable = rm.num_params()
     if cfg.lora.rank:
         apply_lora(rm, cfg.lora)
         rm.score.weight.requires_grad_(True)  # the head always trains
         n_trainable = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     rm.to(device)
-    pcfg = dataclasses.replace(cfg.parallel, fused_loss=False)
-    strategy = resolve_strategy(pcfg, world)
-    if strategy not in ("none", "ddp"):
-        raise LlamalabError(f"rm: parallel.strategy {strategy} is not supported for reward models; use ddp")
-    autocast = autocast_for(device, dtype)
+    autocast = b.autocast
     pad_id = pad_id_of(tok)
     evaluate = HeldoutEval(held, micro, pad_id)
     if held:
         evaluate(rm, autocast)
     heldout: dict[str, Any] = {"before": evaluate.last}
     evaluate.last = None
-    net = parallelize(rm, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
-    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.peak_lr(bool(cfg.lora.rank)))
-    optimizer = build_optimizer(rm, optim, optim.lr)
-    settings = LoopSettings(
-        name="rm", run_dir=run.root, steps=steps, peak_lr=optim.lr, warmup=warmup_steps_for(optim, steps),
-        min_lr_ratio=optim.min_lr_ratio, grad_clip=optim.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
-        keep_last=cfg.keep_last, eval_interval=cfg.eval_interval if held else 0, stop_after=cfg.stop_after,
-        max_seconds=cfg.max_seconds, resume=cfg.resume, guard=cfg.guard)
+    net, strategy = parallel_model(rm, cfg.parallel, device, dtype, world, "rm", allowed=("ddp",),
+                                   unsupported=" for reward models")
+    optim, optimizer = stage_optimizer(rm, cfg.optim, bool(cfg.lora.rank))
+    settings = loop_settings("rm", run.root, cfg, optim, steps, cfg.eval_interval if held else 0)
     batches = pair_batch_fn(train, g, per_epoch, micro, pad_id, cfg.seed, rank, world)
     trainer = Trainer(net, optimizer, settings, batches, run_cfg=to_dict(cfg), tokenizer_path=tok, autocast=autocast,
                       loss_fn=ranking_loss,

@@ -28,12 +28,9 @@ Outputs in ``--run-dir``:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from llamalab.common import LlamalabError, is_rank0, print0, seed_everything, write_json_atomic
 from llamalab.config import to_dict
@@ -41,22 +38,26 @@ from llamalab.finetune.data import FORMATS, OVERLONG, load_sft_data, split_val
 from llamalab.finetune.lora import LoRAConfig, apply_lora
 from llamalab.finetune.optim import SFTOptimConfig
 from llamalab.finetune.outputs import base_record, finish
-from llamalab.finetune.packing import eval_batches, make_batch_fn, pack_rows, plan_steps, sft_loss
+from llamalab.finetune.packing import eval_batches, make_batch_fn, pack_rows, pad_id_of, plan_steps, sft_loss
+from llamalab.finetune.stage import (
+    StageConfig,
+    check_warmup,
+    load_base,
+    loop_settings,
+    parallel_model,
+    print_dropped,
+    stage_optimizer,
+)
 from llamalab.model.config import flops_per_token
-from llamalab.model.folder import load
 from llamalab.run_dir import RunDir
-from llamalab.tokenizer.templates import TEMPLATES, resolve_template
-from llamalab.train.distributed import ParallelConfig, init_device, parallelize, resolve_strategy
+from llamalab.tokenizer.templates import TEMPLATES
 from llamalab.train.meta import files_record, run_meta, write_meta
-from llamalab.train.optim import build_optimizer, warmup_steps_for
-from llamalab.train.setup import autocast_for
-from llamalab.train.stability import GuardConfig
 from llamalab.train.step import evaluate_loss
-from llamalab.train.trainer import LoopSettings, Trainer
+from llamalab.train.trainer import Trainer
 
 
 @dataclass
-class Config:
+class Config(StageConfig):
     base: str = field(default="", metadata={"help": "base model: a llamalab model or run folder, a Hugging Face "
                                                    "folder or a .gguf file (any tokenizer kind llamalab reads)"})
     data: list[str] = field(default_factory=list, metadata={"help": "data file(s), JSON or JSONL (.gz ok), "
@@ -72,10 +73,6 @@ class Config:
     overlong: str = field(default="split", metadata={"choices": list(OVERLONG),
                                                      "help": "examples longer than seq_len: split at turns, "
                                                              "truncate, drop"})
-    on_error: str = field(default="raise", metadata={"choices": ["raise", "skip"],
-                                                     "help": "malformed records: stop with file:line, "
-                                                             "or count and skip"})
-    limit: int = field(default=0, metadata={"help": "read at most N records (0: all)"})
     val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of examples for a "
                                                                "validation loss (0: none)"})
     eval_interval: int = field(default=50, metadata={"help": "steps between validation losses (with --val-fraction)"})
@@ -85,17 +82,7 @@ class Config:
     steps: int = field(default=0, metadata={"help": "optimizer steps (0: epochs * ceil(rows / batch_size))"})
     optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
-        "help": "under torchrun: strategy ddp (auto) or fsdp; activation checkpointing; compile"})
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "auto: bf16 autocast where fast (CUDA), else fp32"})
-    checkpoint_interval: int = field(default=500, metadata={"help": "steps between checkpoints (and at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
-    stop_after: int = 0
-    max_seconds: float = 0.0
-    seed: int = 1337
-    resume: bool = False
+    # --on-error, --limit, --parallel.*, --guard.*, --device ... --resume: StageConfig
 
     def validate(self) -> None:
         if not self.base:
@@ -111,29 +98,22 @@ class Config:
             raise LlamalabError(f"sft: --val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.epochs <= 0 and not self.steps:
             raise LlamalabError("sft: --epochs must be > 0 (or give --steps)")
-        if self.optim.warmup_steps and self.optim.warmup_ratio:
-            raise LlamalabError(f"sft: --optim.warmup-steps {self.optim.warmup_steps} is ignored while "
-                                f"--optim.warmup-ratio is {self.optim.warmup_ratio:g}: add --optim.warmup-ratio 0")
+        check_warmup("sft", self.optim)
         self.optim.validate()
         self.lora.validate()
 
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    device, dtype, rank, world = init_device(cfg.device, cfg.dtype)
-    loaded = load(cfg.base, device="cpu", dtype=torch.float32)
-    model, meta, base, tok = loaded.model, loaded.meta, loaded.path, loaded.tokenizer
-    template = resolve_template(meta, cfg.template or None)
-    seq_len = cfg.seq_len or model.cfg.max_seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise LlamalabError(f"--seq-len {seq_len} exceeds the model's context ({model.cfg.max_seq_len})")
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.seq_len, "--seq-len")
+    device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
+    model, meta, base, tok, template, seq_len = b.model, b.meta, b.path, b.tokenizer, b.template, b.length
 
     t0 = time.perf_counter()
     examples, ledger = load_sft_data(cfg.data, cfg.format, template, tok, seq_len, cfg.overlong, cfg.on_error,
                                      limit=cfg.limit)
     print0(f"sft data: {ledger.summary()} ({time.perf_counter() - t0:.1f}s)")
-    for e in ledger.errors[:5]:
-        print0(f"  dropped {e}")
+    print_dropped(ledger.errors)
     if not examples:
         raise LlamalabError(f"sft: no usable examples in {', '.join(cfg.data)} (see the counts above)")
     examples, val = split_val(examples, cfg.val_fraction, cfg.seed)
@@ -155,24 +135,15 @@ def main(cfg: Config) -> dict[str, Any]:
         n_trainable = apply_lora(model, cfg.lora)
     model.to(device)
     # under torchrun: DDP (auto) or FSDP2 (LoRA's frozen base weights get no gradients to reduce);
-    # NOTE: the SFT loss needs the logits of packed rows, so the fused pretraining head stays off
-    pcfg = dataclasses.replace(cfg.parallel, fused_loss=False)
-    strategy = resolve_strategy(pcfg, world)
-    if strategy == "tp":
-        raise LlamalabError("sft: parallel.strategy tp is not supported; use ddp or fsdp")
-    net = parallelize(model, pcfg, device, param_dtype=dtype if dtype != torch.float32 else None)
-    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.peak_lr(bool(cfg.lora.rank)))
-    optimizer = build_optimizer(model, optim, optim.lr)
-    pad_id = next(i for i in (tok.pad_id, tok.eos_id, 0) if i >= 0)  # pad positions carry no loss
-    settings = LoopSettings(
-        name="sft", run_dir=run.root, steps=steps, peak_lr=optim.lr, warmup=warmup_steps_for(optim, steps),
-        min_lr_ratio=optim.min_lr_ratio, grad_clip=optim.grad_clip, checkpoint_interval=cfg.checkpoint_interval,
-        keep_last=cfg.keep_last, eval_interval=cfg.eval_interval if val else 0, stop_after=cfg.stop_after,
-        max_seconds=cfg.max_seconds, resume=cfg.resume, guard=cfg.guard)
+    # the SFT loss needs the logits of packed rows, so the fused pretraining head stays off
+    net, strategy = parallel_model(model, cfg.parallel, device, dtype, world, "sft")
+    optim, optimizer = stage_optimizer(model, cfg.optim, bool(cfg.lora.rank))
+    pad_id = pad_id_of(tok)  # pad positions carry no loss
+    settings = loop_settings("sft", run.root, cfg, optim, steps, cfg.eval_interval if val else 0)
     val_rows = pack_rows(val, seq_len, cfg.packing, seed=0)
     trainer = Trainer(net, optimizer, settings,
                       make_batch_fn(examples, rows, g, per_epoch, micro, pad_id, cfg.seed, rank, world),
-                      run_cfg=to_dict(cfg), tokenizer_path=tok, autocast=autocast_for(device, dtype),
+                      run_cfg=to_dict(cfg), tokenizer_path=tok, autocast=b.autocast,
                       loss_fn=sft_loss, model_extra={"chat_template": template},
                       eval_fn=(lambda m, ac: evaluate_loss(m, eval_batches(val, val_rows, micro, pad_id), ac, sft_loss))
                       if val else None)

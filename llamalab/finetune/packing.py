@@ -32,6 +32,7 @@ import bisect
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -113,11 +114,31 @@ def sft_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     return token_loss_sum(sft_forward(model, x), y)
 
 
+def pad_id_of(tok: Any) -> int:
+    """The id right-padding uses: the tokenizer's pad id, else its EOS, else 0 (pad positions carry no loss and,
+    for a reward model, are never read: rewards come from the last real token)."""
+    return next(i for i in (tok.pad_id, tok.eos_id, 0) if i >= 0)
+
+
 def plan_steps(n_rows: int, batch_size: int, epochs: float, steps: int = 0) -> tuple[int, int, int]:
     """(rows per global batch, steps per epoch, total steps): ``steps``, or ``epochs`` over the rows."""
     g = min(batch_size, n_rows)
     per_epoch = math.ceil(n_rows / g)
     return g, per_epoch, steps or max(1, math.ceil(epochs * per_epoch))
+
+
+def batch_indices(n: int, g: int, per_epoch: int, seed: int, b: int, rank: int = 0,
+                  world: int = 1) -> tuple[list[int], list[int]]:
+    """Global batch ``b`` of ``n`` items: the indices of its (up to) ``g`` items, those of epoch ``b // per_epoch``
+    in that epoch's seeded shuffle, and this rank's contiguous share of them (empty for a rank left without items
+    in an epoch's short last batch). A pure function of ``b``, independent of the world size, so resume, rollback
+    and a resize replay exactly; SFT rows, reward-model pairs and DPO pairs are batched by it."""
+    epoch, j = divmod(b, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    picked = order[j * g:(j + 1) * g]
+    share = -(-len(picked) // world)
+    return picked, picked[rank * share:(rank + 1) * share]
 
 
 def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_epoch: int, micro: int,
@@ -133,12 +154,7 @@ def make_batch_fn(examples: list[Example], rows: list[list[int]], g: int, per_ep
     """
 
     def batch(b: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, j = divmod(b, per_epoch)
-        order = list(range(len(rows)))
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        picked = [rows[i] for i in order[j * g:(j + 1) * g]]
-        share = -(-len(picked) // world)
-        mine = picked[rank * share:(rank + 1) * share]
+        picked, mine = ([rows[i] for i in ix] for ix in batch_indices(len(rows), g, per_epoch, seed, b, rank, world))
         if not mine:
             x, y = collate(examples, picked[:1], pad_id)
             x[:, 0], x[:, 1], y[:] = pad_id, 0, IGNORE_INDEX  # padding tokens, no segment, no targets

@@ -1,5 +1,6 @@
 """Shared fixtures for the preference-tuning tests (data, DPO, reward model, PPO).
 
+- ``one_thread`` (autouse, per module): torch on one thread while an align test module runs;
 - ``align_tok``: the 1000-piece Botchan SentencePiece tokenizer (session-cached);
 - ``align_base``: a randomly initialised tiny llamalab model folder with that tokenizer (128-token context,
   template llama2 by default);
@@ -46,6 +47,16 @@ def synthetic_pairs(n: int = 64, seed: int = 0, n_topics: int = 0) -> list[dict]
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads on a busy 2-core machine can be 100x slower), and runs
+    then do not depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

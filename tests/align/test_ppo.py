@@ -215,15 +215,6 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these tiny models gain nothing from more, and runs then do not depend on the thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(64, seed=1))

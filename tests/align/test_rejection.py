@@ -18,15 +18,6 @@ from llamalab.run_dir import RunDir
 from .conftest import synthetic_pairs, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def random_rm(tmp_path, align_base, align_tok) -> Path:
     from llamalab.align.reward import reward_model_from, save_reward_model

@@ -26,15 +26,6 @@ from llamalab.run_dir import RunDir
 from .conftest import synthetic_pairs, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rm_cfg(base: Path, data: Path, run_dir: Path, **kw):
     from llamalab.commands import rm
 
