@@ -19,7 +19,8 @@ class Config:
     dst: str = field(default="", metadata={"positional": True, "help": "destination folder (or .gguf file)"})
     to: str = field(default="auto", metadata={"choices": ["auto", "llamalab", "hf", "gguf"],
                                               "help": "target format; auto: HF->llamalab, llamalab->hf"})
-    gguf_type: str = field(default="f16", metadata={"choices": ["f32", "f16", "q8_0"], "help": "GGUF tensor type"})
+    gguf_type: str = field(default="f16", metadata={"choices": ["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                                                    "help": "GGUF tensor type (q4_*: the embedding/head in q8_0)"})
 
 
 def main(cfg: Config) -> Path:

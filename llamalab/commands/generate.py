@@ -28,7 +28,7 @@ from llamalab.inference.terminal import generate_to, read_prompts
 class Config:
     model: str = field(default="", metadata={"positional": True,
                                                   "help": "model or run folder, HF LLaMA folder or .gguf file"})
-    prompt: str = field(default="", metadata={"help": "prompt text (BOS is prepended)"})
+    prompt: str = field(default="", metadata={"help": "prompt text (BOS first only if the tokenizer adds it)"})
     prompts_file: str = field(default="", metadata={"help": "a file with one prompt per line (batched)"})
     max_tokens: int = 256
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy"})
@@ -39,7 +39,7 @@ class Config:
     stop: list[str] = field(default_factory=list, metadata={
         "help": "comma-separated stop strings; backslash escapes such as \\n are decoded"})
     quantize: str = field(default="none", metadata={"choices": list(QUANT_CHOICES),
-                                                    "help": "int8: int8 weights, fastest on CPU"})
+                                                    "help": "CPU weights: int8 (q8_0 blocks), int8-wo, int4"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (slow start)"})
     slots: int = field(default=8, metadata={"help": "requests decoded together"})
     threads: int = field(default=0, metadata={"help": "torch threads (0 = torch default)"})

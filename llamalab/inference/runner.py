@@ -12,7 +12,8 @@ runner keeps the same math with fewer, fused ops and no per-token rebuilding:
   the others keep decoding (continuous batching) and rows of different lengths need no padding.
 - Prefill returns the last position's logits only, unless all positions are asked for
   (prompt log-probabilities), which skips most of the large output matmul.
-- Optional int8 weights (``quantize.py``); optional ``torch.compile`` of the decode step.
+- Optional int8/int4 weights (``quantize.py``; a GGUF file's q4_0/q4_1/q8_0 blocks are run as they are, from
+  ``model.quant_weights``); optional ``torch.compile`` of the decode step.
 
 Correctness is pinned by tests against ``Transformer.forward`` (same logits to 1e-4) and against
 Hugging Face ``generate``. The model module itself is untouched.
@@ -20,11 +21,13 @@ Hugging Face ``generate``. The model module itself is untouched.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
-from llamalab.inference.quantize import Linear, make_linear
+from llamalab.inference.quantize import Linear, QuantWeight, make_head, make_linear
 from llamalab.model.layers import dynamic_decode_freqs_cis, dynamic_seq_len, precompute_freqs_cis
 from llamalab.model.transformer import Transformer
 
@@ -36,6 +39,17 @@ class _Layer:
                  w13: Linear, w2: Linear) -> None:
         self.attn_norm, self.ffn_norm, self.wqkv, self.wo, self.w13, self.w2 = (
             attn_norm, ffn_norm, wqkv, wo, w13, w2)
+
+
+def _fused(sd: dict[str, torch.Tensor], blocks: dict[str, QuantWeight], names: list[str], quantize: str,
+           make: Callable = make_linear) -> Linear:
+    """The named matrices stacked along their rows as one linear; from a file's own blocks when it holds them all
+    and they still are the model's weights (quantised choices only)."""
+    if quantize != "none" and all(n in blocks and blocks[n].holds(sd[n]) for n in names):
+        qw = QuantWeight.cat([blocks[n] for n in names])
+        if qw is not None:
+            return make(qw, quantize)
+    return make(torch.cat([sd[n] for n in names], 0) if len(names) > 1 else sd[names[0]], quantize)
 
 
 class Runner:
@@ -59,20 +73,21 @@ class Runner:
         self.device = dev
         self.dtype = sd["tok_embeddings.weight"].dtype
         self.tok_emb = sd["tok_embeddings.weight"]
-        out_w = sd["tok_embeddings.weight"] if cfg.tie_embeddings else sd["output.weight"]
+        blocks = getattr(model, "quant_weights", None) or {}  # blocks a GGUF file held (interop/gguf.py)
+
+        def linear(names: list[str], make: Callable = make_linear) -> Linear:
+            return _fused(sd, blocks if dev.type == "cpu" else {}, names, quantize, make)
+
         self.layers: list[_Layer] = []
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            wqkv = torch.cat([sd[p + "attention.wq.weight"], sd[p + "attention.wk.weight"],
-                              sd[p + "attention.wv.weight"]], 0)
-            w13 = torch.cat([sd[p + "feed_forward.w1.weight"], sd[p + "feed_forward.w3.weight"]], 0)
             self.layers.append(_Layer(sd[p + "attention_norm.weight"], sd[p + "ffn_norm.weight"],
-                                      make_linear(wqkv, quantize),
-                                      make_linear(sd[p + "attention.wo.weight"], quantize),
-                                      make_linear(w13, quantize),
-                                      make_linear(sd[p + "feed_forward.w2.weight"], quantize)))
+                                      linear([p + f"attention.w{x}.weight" for x in "qkv"]),
+                                      linear([p + "attention.wo.weight"]),
+                                      linear([p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"]),
+                                      linear([p + "feed_forward.w2.weight"])))
         self.norm = sd["norm.weight"]
-        self.output = make_linear(out_w, quantize)
+        self.output = linear(["tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"], make=make_head)
         self.quantize = quantize
         # rotary table as complex (S, D/2), built once, from the model's (RoPE scaling included). Dynamic NTK
         # scaling depends on the sequence length: one-token decode at position m uses seq_len m + 1 (its own

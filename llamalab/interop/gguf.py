@@ -1,6 +1,6 @@
 """GGUF (llama.cpp's file format) <-> llamalab model folders, with the ``gguf`` package.
 
-Export (``llamalab convert FOLDER out.gguf --to gguf --gguf-type f32|f16|q8_0``) writes the
+Export (``llamalab convert FOLDER out.gguf --to gguf --gguf-type f32|f16|q8_0|q4_0|q4_1``) writes the
 ``llama`` architecture keys, the weights under llama.cpp's tensor names and the vocabulary of either
 tokenizer kind, so llama.cpp (and transformers' GGUF loading) run the file: a SentencePiece model as
 ``tokenizer.ggml.model = llama`` (pieces, scores, token types), byte-level BPE as ``gpt2`` (tokens in the
@@ -11,12 +11,16 @@ folder's template as Jinja). The vocabulary is padded with ``[PAD{i}]`` tokens t
 as llama.cpp's converters do. Our q/k rows are in Meta's interleaved-pair RoPE order, which is the order
 llama.cpp's ``llama`` architecture uses, so no permutation is needed (the HF converter needs one; see
 ``interop/hf.py``). Norm weights stay f32; with q8_0 every matrix is quantised in llama.cpp's q8_0 blocks (32
-values, one f16 scale), except matrices whose rows are not whole blocks, which are written f16 (as llama.cpp
-does). The chat template name travels under ``llamalab.chat_template``.
+values, one f16 scale), with q4_0/q4_1 the layers' matrices in those blocks and the embedding and output head in
+q8_0 (llama.cpp's own q4 files keep the output at q6_k; at 4 bits it alone costs a 135M model 14 points of top-1
+agreement), by the ``gguf`` package's quantisers, as llama.cpp's; matrices whose rows are not whole blocks are
+written f16 (as llama.cpp does). The chat template name travels under ``llamalab.chat_template``.
 
 Import (``llamalab convert model.gguf FOLDER``, or any command given the .gguf path) reads LLaMA-architecture
 files with any tensor type the ``gguf`` package can dequantise (f32, f16, bf16, the legacy q4_0, q4_1, q5_0,
-q5_1, q8_0, the k-quants q2_k .. q6_k, the i-quants), dequantised to f32 on load, and both tokenizer kinds
+q5_1, q8_0, the k-quants q2_k .. q6_k, the i-quants), dequantised to f32 on load; q4_0, q4_1 and q8_0 matrices
+also keep their blocks (``model.quant_weights``), which an engine built with ``quantize`` int8/int4 runs as they
+are, without dequantising (:mod:`llamalab.inference.quantize`). It reads both tokenizer kinds
 llama.cpp uses: ``llama`` (SentencePiece; rebuilt as a tokenizer.model from the vocabulary, scores and token
 types) and ``gpt2`` (byte-level BPE, pre-tokenizer after ``tokenizer.ggml.pre``: ``gpt2``, ``llama-bpe``,
 ``smollm`` ...; served by :class:`llamalab.tokenizer.BPETokenizer`). The imported folder holds Hugging Face's
@@ -50,7 +54,8 @@ from llamalab.model.config import ModelConfig, ModelConfigError, RopeScaling
 from llamalab.model.folder import check_memory, check_weights, load_into, load_model, save_model
 from llamalab.model.transformer import Transformer
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+_HEAD_TENSORS = ("token_embd.weight", "output.weight")  # q8_0 in q4 files (llama.cpp keeps the output at q6_k)
 
 
 def _layer_names(i: int) -> dict[str, str]:
@@ -241,7 +246,8 @@ def export_gguf(model: Transformer, dst: str | Path, gguf_type: str = "f16", tok
     add_llama_keys(w, cfg)
     add_rope_scaling(w, cfg)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[gguf_type]
     w.add_file_type(ftype)
     if tokenizer is None and tok_file is not None:
         from llamalab.tokenizer import Tokenizer
@@ -258,11 +264,11 @@ def export_gguf(model: Transformer, dst: str | Path, gguf_type: str = "f16", tok
         arr = sd[ours].numpy()
         if arr.ndim == 1 or gguf_type == "f32":
             w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
-        elif gguf_type == "f16" or arr.shape[-1] % 32 != 0:  # q8_0 needs rows of whole 32-blocks (llama.cpp: f16)
+        elif gguf_type == "f16" or arr.shape[-1] % 32 != 0:  # blocks need rows of whole 32-blocks (llama.cpp: f16)
             w.add_tensor(gname, arr.astype(np.float16))
         else:
-            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            qtype = gguf.GGMLQuantizationType[("q8_0" if gname in _HEAD_TENSORS else gguf_type).upper()]
+            w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -700,6 +706,48 @@ def read_gguf_tensors(g: GGUFFile, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+# GGML type id -> (block bytes, kind) of the legacy 32-value blocks the engine's int8/int4 linears run as they are
+_BLOCKS = {2: (18, "q4_0"), 3: (20, "q4_1"), 8: (34, "q8_0")}
+
+
+def block_weight(raw: np.ndarray, qtype: int, shape: tuple[int, ...]) -> Any:
+    """A 2-D q4_0 / q4_1 / q8_0 tensor's bytes -> :class:`~llamalab.inference.quantize.QuantWeight` (the same
+    integers and scales, nothing rounded: q4_0 ``(q - 8) d``, q4_1 ``q d + m`` = ``(q - 8) d + (m + 8 d)``, q8_0
+    ``q d``); None for other types and shapes."""
+    from llamalab.inference.quantize import BLOCK, QuantWeight
+
+    if qtype not in _BLOCKS or len(shape) != 2 or shape[1] % BLOCK:
+        return None
+    nbytes, kind = _BLOCKS[qtype]
+    b = np.asarray(raw).reshape(shape[0], shape[1] // BLOCK, nbytes)
+    d = torch.from_numpy(b[..., :2].copy().view("<f2")[..., 0].astype(np.float32))
+    if kind == "q8_0":
+        q = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(shape))
+        return QuantWeight("q8", q, d)
+    qs = b[..., nbytes - 16:]
+    q = torch.from_numpy(np.concatenate([qs & 15, qs >> 4], -1).reshape(shape))
+    zero = torch.zeros_like(d)
+    if kind == "q4_1":
+        zero = torch.from_numpy(b[..., 2:4].copy().view("<f2")[..., 0].astype(np.float32)) + 8 * d
+    return QuantWeight("q4", q, d, zero)
+
+
+def read_gguf_blocks(g: GGUFFile, names: list[str]) -> dict[str, Any]:
+    """The named tensors stored as q4_0, q4_1 or q8_0 in a little-endian file, as their blocks
+    (:func:`block_weight`), for the engine's quantised linears to run without dequantising."""
+    if g.byteorder != "<":
+        return {}
+    data = np.memmap(g.path, dtype=np.uint8, mode="r")
+    out = {}
+    for name in names:
+        t = g.tensors[name]
+        qw = block_weight(data[t.offset:t.offset + t.n_bytes], t.qtype, tuple(reversed(t.shape)))
+        if qw is not None:
+            out[name] = qw
+    del data
+    return out
+
+
 def spm_model_bytes(kv: dict[str, Any]) -> bytes:
     """A SentencePiece model rebuilt from a 'llama' GGUF vocabulary (tokens, scores, token types)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -813,6 +861,9 @@ def load_gguf(src: str | Path) -> tuple[Transformer, dict[str, Any]]:
     model.to_empty(device="cpu")
     model.init_weights()
     load_into(model, sd, where)
+    # q4_0/q4_1/q8_0 matrices also keep their blocks: a quantised engine runs them as they are (inference/runner.py)
+    params = dict(model.named_parameters())
+    model.quant_weights = {names[k]: qw.bind(params[names[k]]) for k, qw in read_gguf_blocks(g, list(names)).items()}
     return model.eval(), kv
 
 

@@ -1,0 +1,176 @@
+"""The quantised linears against their references: the blocks hold what llama.cpp's q8_0/q4_1 would (checked by
+the ``gguf`` package's dequantiser where it applies), and each linear equals ``x @ dequantised.T`` up to bf16
+rounding of its inputs and output; every choice runs the same fused Runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamalab.common import LlamalabError
+from llamalab.inference.quantize import (
+    QUANT_CHOICES,
+    DenseLinear,
+    ExactTop,
+    Int4Linear,
+    Int8RowLinear,
+    QuantWeight,
+    make_head,
+    make_linear,
+    quantize_q4,
+    quantize_q8,
+)
+
+
+def _w(n: int = 48, k: int = 96, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    w[3, 5] = 0.9  # an outlier: its block alone gets a coarse scale
+    return w
+
+
+def _ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The kernels' arithmetic done in fp32: bf16 inputs, fp32 sums, the result rounded to bf16."""
+    return (x.bfloat16().float() @ w.t()).bfloat16().float()
+
+
+def test_q8_blocks_round_to_nearest_and_match_the_gguf_quantiser():
+    w = _w()
+    qw = quantize_q8(w)
+    assert qw.q.dtype == torch.int8 and qw.scale.shape == (48, 3)
+    err = (qw.dequantize() - w).abs()
+    assert bool((err <= qw.scale.repeat_interleave(32, 1) * 0.5 + 1e-7).all())  # half a step at most
+    gguf = pytest.importorskip("gguf")
+    from llamalab.interop.gguf import block_weight
+
+    raw = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    theirs = block_weight(raw, 8, (48, 96))
+    assert torch.equal(theirs.dequantize(), torch.from_numpy(gguf.quants.dequantize(raw, 8)))
+    # llama.cpp's q8_0 integers, up to the scale's precision (f16 there, bf16 here): a rare one differs by one
+    diff = (qw.q.int() - theirs.q.int()).abs()
+    assert int(diff.max()) <= 1 and diff.float().mean() < 0.1
+    torch.testing.assert_close(qw.scale, theirs.scale, rtol=2 ** -8, atol=0)
+
+
+def test_q4_blocks_span_each_block():
+    w = _w()
+    qw = quantize_q4(w)
+    assert qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 15
+    err = (qw.dequantize() - w).abs()
+    step = qw.scale.repeat_interleave(32, 1)
+    assert bool((err <= step * 0.5 + 2 ** -8 * w.abs().amax()).all())
+    # asymmetric: each block's min and max are (close to) grid points, unlike a symmetric q4_0 grid
+    blocks = w.view(48, 3, 32)
+    d = qw.dequantize().view(48, 3, 32)
+    assert (d.amin(-1) - blocks.amin(-1)).abs().max() < 0.05 * (blocks.amax(-1) - blocks.amin(-1)).max()
+
+
+@pytest.mark.parametrize("quantize,cls", [("int8", Int4Linear), ("int8-wo", Int8RowLinear), ("int4", Int4Linear)])
+@pytest.mark.parametrize("n", [48, 40])  # 40: rows padded to the kernel's multiple of 16
+def test_linears_equal_their_dequantised_weights(quantize, cls, n):
+    w = _w(n)
+    lin = make_linear(w, quantize)
+    assert isinstance(lin, cls)
+    if quantize == "int8-wo":
+        deq = lin.wq.float() * lin.scales.float()[:, None]
+    else:
+        deq = (quantize_q8(w) if quantize == "int8" else quantize_q4(w)).dequantize()
+        assert lin.kind == {"int8": "q8", "int4": "q4"}[quantize]
+    x = torch.randn(2, 5, 96)
+    y = lin(x)
+    assert y.shape == (2, 5, n) and y.dtype == torch.float32
+    want = _ref(x, deq)
+    torch.testing.assert_close(y, want, atol=2e-3 * want.abs().max().item(), rtol=1e-2)
+    # and close to the unquantised product: int8 within 1%, int4 within 10% of the output scale
+    full = x @ w.t()
+    rel = ((y - full).norm() / full.norm()).item()
+    assert rel < {"int8": 0.01, "int8-wo": 0.02, "int4": 0.1}[quantize], rel
+
+
+def test_q8_weights_run_exactly_as_two_nibble_halves():
+    """-128 and 127 (the ends of int8) survive the hi/lo split: the product equals the dequantised one."""
+    q = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
+    q[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)
+    scale = torch.full((32, 2), 2.0 ** -6)
+    qw = QuantWeight("q8", q, scale)
+    x = torch.zeros(1, 64)
+    for j in range(4):
+        x.zero_()
+        x[0, j] = 1.0
+        assert make_linear(qw, "int8")(x)[0, 0].item() == q[0, j].item() * 2.0 ** -6
+
+
+def test_file_blocks_are_used_as_they_are_and_dequantised_under_none():
+    qw = quantize_q4(_w())
+    lin = make_linear(qw, "int8")  # a file's q4 blocks run as int4 under any quantised choice
+    assert isinstance(lin, Int4Linear) and lin.kind == "q4"
+    dense = make_linear(qw, "none")
+    assert isinstance(dense, DenseLinear) and torch.equal(dense.w, qw.dequantize())
+    assert QuantWeight.cat([qw, quantize_q8(_w())]) is None  # mixed kinds are not fused
+    both = QuantWeight.cat([qw, qw])
+    assert both.shape == (96, 96) and torch.equal(both.dequantize()[48:], qw.dequantize())
+
+
+def test_rows_not_whole_blocks_fall_back_to_per_row_int8_and_bad_choices_are_refused():
+    w = torch.randn(24, 48)
+    lin = make_linear(w, "int4")
+    assert isinstance(lin, Int8RowLinear)
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(lin(x), _ref(x, lin.wq.float() * lin.scales.float()[:, None]), atol=0.05, rtol=0.01)
+    # rows not a multiple of 16: PyTorch's int8 kernel is wrong there (garbage at 40, a crash at 100): stay dense
+    for k in (40, 100):
+        for q in ("int8", "int8-wo", "int4"):
+            assert isinstance(make_linear(torch.randn(16, k), q), DenseLinear)
+            assert isinstance(make_head(torch.randn(16, k), q), DenseLinear)
+    with pytest.raises(LlamalabError, match="quantize: unknown value 'int3'"):
+        make_linear(torch.randn(16, 32), "int3")
+    assert QUANT_CHOICES == ("none", "int8", "int8-wo", "int4")
+
+
+def test_bound_blocks_stop_holding_a_changed_tensor():
+    t = torch.randn(16, 32)
+    qw = quantize_q8(t).bind(t)
+    assert qw.holds(t)
+    t.add_(1.0)  # trained in place
+    assert not qw.holds(t) and not qw.holds(torch.randn(16, 32))
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int8-wo", "int4"])
+def test_runner_quantised_close_to_fp32(quantize):
+    """The whole fused decode path with each choice stays close to fp32 (the int4 head stays int8)."""
+    from llamalab.inference.runner import Runner
+    from tests.inference.conftest import small_model
+
+    model = small_model(seed=1)
+    ids = list(range(5, 37))
+    ref = Runner(model, slots=1).prefill(0, ids, all_logits=True)
+    r = Runner(model, slots=1, quantize=quantize)
+    assert isinstance(r.output, ExactTop)
+    assert isinstance(r.output.lin, Int4Linear) and r.output.lin.kind == "q8"  # the head: int8 blocks always
+    assert isinstance(r.layers[0].wqkv, Int8RowLinear if quantize == "int8-wo" else Int4Linear)
+    if quantize == "int4":
+        assert r.layers[0].wqkv.kind == "q4"
+    got = r.prefill(0, ids, all_logits=True)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < {"int8": 0.02, "int8-wo": 0.03, "int4": 0.15}[quantize], rel
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= {"int4": 0.8}.get(quantize, 0.9), agree
+
+
+@pytest.mark.parametrize("quantize,k", [("int8", 64), ("int8-wo", 64), ("int4", 64), ("int4", 48)])
+def test_head_top_logits_are_exact_for_its_quantised_rows(quantize, k):
+    """bf16 output rounding must not reorder the head's top tokens: its top-16 logits are the fp32 products."""
+    w = torch.randn(1000, k) * 0.3
+    head = make_head(w, quantize)
+    if k % 32:  # rows not whole blocks: per-row int8
+        deq = head.lin.wq.float() * head.lin.scales.float()[:, None]
+    else:
+        assert head.lin.kind == "q8"  # every choice keeps the head at int8 blocks
+        deq = quantize_q8(w).dequantize()
+    x = torch.randn(3, k) * 4
+    y, exact = head(x), x @ deq.t()
+    top = exact.topk(5, -1).indices
+    torch.testing.assert_close(y.gather(1, top), exact.gather(1, top), atol=1e-5, rtol=1e-6)
+    assert torch.equal(y.argmax(-1), exact.argmax(-1))
+    assert (y - exact).abs().max() < 0.01 * exact.abs().max()  # the rest: bf16 rounding
+    assert isinstance(make_head(w, "none"), DenseLinear)
