@@ -47,6 +47,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "gatt": {"": "llamalab.commands.gatt", "eval": "llamalab.commands.gatt_eval"},
     "judge": "llamalab.commands.judge",
     "selfinstruct": "llamalab.commands.selfinstruct",
+    "recipe": {"chat": "llamalab.commands.recipe_chat"},
 }
 
 

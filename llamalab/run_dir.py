@@ -140,6 +140,17 @@ class RunDir:
         """DPO: the end summary (steps, held-out accuracy before/after, where model/ and adapter/ went)."""
         return self.root / "dpo_summary.json"
 
+    # recipes (llamalab recipe chat): the chain's record and each step's evaluation
+    @property
+    def recipe(self) -> Path:
+        """Recipe: the steps, their folders, wall times and figures (``llamalab recipe chat``)."""
+        return self.root / "recipe.json"
+
+    @property
+    def recipe_eval(self) -> Path:
+        """Recipe: one step's evaluation (benchmarks, RM accuracy, mean RM score, judge vs the start)."""
+        return self.root / "recipe_eval.json"
+
     # data
     @property
     def data(self) -> Path:

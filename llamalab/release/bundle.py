@@ -190,13 +190,19 @@ def build_release(run: str | Path, output: str | Path, *, include_data: bool = T
     # data
     manifest_src = src.manifest
     data_root = _data_root(src, meta)
-    if not manifest_src.exists():
+    files = (meta.get("data") or {}).get("files")
+    if not manifest_src.exists() and data_root is None and files is not None:
+        # a fine-tuning run (sft, rm, dpo, ppo): no token shards; its data files by path and sha256 (meta.json)
+        manifest_src = None
+    elif not manifest_src.exists():
         if data_root is None:
             raise LlamalabError(f"{src.manifest}: not found, nor the shard folder meta.json names")
         manifest_src = data_root / "manifest.json"
-    _copy_file(manifest_src, dst.manifest)
-    manifest = read_json(dst.manifest, what="data manifest")
-    data_info: dict[str, Any] = {"included": False, "manifest_sha256": sha256_file(dst.manifest),
+    if manifest_src is not None:
+        _copy_file(manifest_src, dst.manifest)
+    manifest = read_json(dst.manifest, what="data manifest") if manifest_src is not None else {}
+    data_info: dict[str, Any] = {"included": False, "files": files,
+                                 "manifest_sha256": sha256_file(dst.manifest) if manifest_src is not None else None,
                                  "shards": [{"file": s["file"], "split": s.get("split"), "n_tokens": s.get("n_tokens"),
                                              "sha256": s.get("sha256")} for s in manifest.get("shards", [])],
                                  "source_path": (meta.get("data") or {}).get("path")}
