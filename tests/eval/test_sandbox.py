@@ -28,6 +28,7 @@ import pytest
 from llamalab.common import LlamalabError
 from llamalab.eval import sandbox as S
 from llamalab.eval.sandbox import humaneval_program, run_python
+from llamalab.eval.sandbox_child import HIDE
 from tests.conftest import ROOT, shared_path
 
 
@@ -62,11 +63,22 @@ def _allow_where_no_isolation(monkeypatch):
         monkeypatch.setenv(S.ALLOW_ENV, "1")
 
 
+def _visible_host_folder() -> Path:
+    """A writable host folder the sandbox shows read-only: not under /tmp (private in the sandbox) nor a hidden
+    one. NOTE: a checkout under /tmp (a CI clone) cannot hold it, so fall back to system folders (root in CI)."""
+    hidden = ("/tmp", *HIDE)
+    for base in (ROOT / "tests" / "eval", Path("/var/lib"), Path("/opt"), Path("/usr/local/share")):
+        real = os.path.realpath(base)
+        if not any(real == h or real.startswith(h + "/") for h in hidden) and os.access(base, os.W_OK):
+            return base
+    pytest.skip("no writable folder outside /tmp and the sandbox's hidden folders to attack")
+
+
 @pytest.fixture
 def host_dir():
     """A world-writable folder outside /tmp (so it is visible in the sandbox) with a world-writable file:
     only the read-only mount can stop writes there, not file permissions."""
-    d = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=ROOT / "tests" / "eval"))
+    d = Path(tempfile.mkdtemp(prefix=".sandbox-victim-", dir=_visible_host_folder()))
     d.chmod(0o777)
     (d / "keep.txt").write_text("precious")
     (d / "keep.txt").chmod(0o666)
