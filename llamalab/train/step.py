@@ -134,14 +134,19 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[Any],
     scale = dp_world / max(n_global, 1)
     total = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
+    n_real = len(micro_batches)
+    micro_batches = _same_count_for_fsdp(model, micro_batches, device, dp_world)
     for i, mb in enumerate(micro_batches):
         mb = _to(mb, device)
         last = i == len(micro_batches) - 1
+        pad = i >= n_real  # a repeat that only keeps this rank's collectives in step with the others
         with grad_sync(model, last):
             with autocast():
                 loss_sum, stats = call_loss(loss_fn, model, mb)
-            loss = loss_sum.float() * scale
+            loss = loss_sum.float() * (0.0 if pad else scale)
             (scaler.scale(loss) if scaler is not None else loss).backward()
+        if pad:
+            continue
         total += loss_sum.detach().float()
         for k, v in stats.items():
             sums[k] = sums.get(k, torch.zeros((), device=device)) + torch.as_tensor(v, device=device).detach().float()
@@ -153,6 +158,18 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[Any],
     denom = max(n_global, 1)
     return StepResult(loss=float(total) / denom, n_tokens=n_global,
                       stats={k: float(sums[k]) / denom for k in names})
+
+
+def _same_count_for_fsdp(model: torch.nn.Module, micro_batches: list[Any], device: torch.device,
+                         dp_world: int) -> list[Any]:
+    """Under FSDP every forward all-gathers and every backward reduce-scatters, so every rank must run as many
+    micro-batches as the others (a data split can leave one rank an extra one); pad with repeats of the last,
+    which :func:`forward_backward` runs with a zero loss. DDP syncs only the last micro-batch: no padding."""
+    if dp_world == 1 or not hasattr(model, "set_requires_gradient_sync") or not micro_batches:
+        return micro_batches
+    n = torch.tensor([len(micro_batches)], dtype=torch.long, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    return micro_batches + [micro_batches[-1]] * (int(n.item()) - len(micro_batches))
 
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float,
