@@ -33,6 +33,13 @@ engine's own per-row sampling (:func:`llamalab.inference.sampling.choose`, one s
 and that token is the policy's last action, which PPO must train; and the engine's runner holds its own fused
 copy of the weights, to be rebuilt (with LoRA merged) at every iteration.
 
+Under torchrun: ``ddp`` replicates policy + value; ``fsdp`` (:func:`shard_ppo_model`) shards the policy and the
+value model with FSDP2, each its own root (the blocks are units; a root holds the embedding, final norm and its
+head), while the frozen reference and the reward model(s) stay whole on every rank (they take no gradients and no
+optimizer state). Each rank samples its own prompts; :func:`sample_answers` gathers the policy's full weights
+once per rollout micro-batch (:func:`full_weights`) and keeps them through its prefill and decode steps, so the
+ranks' decode loops need not run in lockstep (a rank whose answers all stopped early makes no collective call).
+
 Determinism: the prompts of iteration ``i`` and each prompt's sampling seed are functions of (seed, i), and the
 trainer checkpoints only at iteration boundaries (``checkpoint_interval`` and ``stop_after`` count iterations), so
 a resumed run equals a straight one bit for bit. A run cut inside an iteration (``--max-seconds``, a signal)
@@ -158,7 +165,8 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk.hidden(tokens)).squeeze(-1).float()
+        # a fresh tensor, not a view: FSDP2 hooks backward on a root's outputs and warns about views
+        return self.head(self.trunk.hidden(tokens)).squeeze(-1).to(torch.float32, copy=True)
 
 
 class PPOModel(nn.Module):
@@ -184,6 +192,13 @@ class PPOModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.policy(tokens), self.value(tokens)
+
+    def set_requires_gradient_sync(self, sync: bool) -> None:
+        """FSDP (:func:`shard_ppo_model`): the step's flag to skip the gradient reduce-scatter of all but the last
+        micro-batch, passed to both sharded roots; a no-op on a plain model."""
+        for m in (self.policy, self.value):
+            if hasattr(m, "set_requires_gradient_sync"):
+                m.set_requires_gradient_sync(sync)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         sd = super().state_dict(*args, **kwargs)
@@ -280,6 +295,33 @@ def combine_scores(scores: list[torch.Tensor], how: str, weights: Sequence[float
 # ----------------------------------------------------------------------------- sampling
 
 
+def _fsdp_units(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # no FSDP2 in this torch: nothing can be sharded
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(policy: nn.Module):
+    """Within: an FSDP2-sharded ``policy`` (:func:`shard_ppo_model`) holds its full weights on every rank, gathered
+    once on entry (a collective) and kept through every forward (blocks do not reshard after each call), so that
+    calls bypassing the root's ``forward`` (``hidden``, ``output``) work and make no collective calls; resharded on
+    exit (blocks again reshard after forward, the root never does, as :func:`~llamalab.train.fsdp.apply_fsdp`). A
+    plain model: nothing to do."""
+    units = _fsdp_units(policy)
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield policy
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(m is not policy, recurse=False)
+
+
 @torch.no_grad()
 def sample_answers(policy: Transformer, prompts: list[list[int]], params: list[SamplingParams],
                    stop_ids: set[int], pad_id: int, batch_size: int) -> list[tuple[list[int], str]]:
@@ -288,48 +330,55 @@ def sample_answers(policy: Transformer, prompts: list[list[int]], params: list[S
     Batched ``batch_size`` prompts at a time: left-padded, one prefill and one decode pass per token over a
     KV cache (a boolean mask hides the padding), each row drawn with its own seeded generator as the engine does,
     so an answer does not depend on the batch it was drawn in (up to float rounding)."""
-    cfg = policy.cfg
     device = next(policy.parameters()).device
     out: list[tuple[list[int], str]] = []
     for s in range(0, len(prompts), batch_size):
-        rows, ps = prompts[s:s + batch_size], params[s:s + batch_size]
-        B, P = len(rows), max(len(r) for r in rows)
-        new = max(p.max_tokens for p in ps)
-        if P + new > cfg.max_seq_len:
-            raise LlamalabError(f"ppo: a prompt of {P} tokens plus {new} new ones exceeds the context "
-                                f"({cfg.max_seq_len})")
-        tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
-        real = torch.zeros(B, P + new, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            tokens[i, P - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
-            real[i, P - len(r):] = True
-        gens = [make_generator(p.seed, device) for p in ps]
-        cache = KVCache(cfg, B, P + new, dtype=next(policy.parameters()).dtype, device=device)
-        pos = torch.arange(P, device=device)
-        causal = pos[None, :] <= pos[:, None]
-        mask = (causal[None] & (real[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device)[None]))[:, None]
-        logits = policy.output(policy.hidden(tokens, cache, 0, mask)[:, -1]).float()
-        answers: list[list[int]] = [[] for _ in range(B)]
-        done: list[str | None] = [None] * B
-        for t in range(new):
-            live = [i for i in range(B) if done[i] is None]
-            picked = choose(logits[live], [ps[i] for i in live], [gens[i] for i in live], torch.empty(0),
-                            torch.empty(0))
-            nxt = torch.full((B,), pad_id, dtype=torch.long, device=device)
-            for i, tok in zip(live, picked):
-                answers[i].append(tok)
-                nxt[i] = tok
-                if tok in stop_ids:
-                    done[i] = "stop"
-                elif len(answers[i]) >= ps[i].max_tokens:
-                    done[i] = "length"
-            if all(d is not None for d in done):
-                break
-            step_mask = real[:, None, None, :P + t + 1].clone()
-            step_mask[:, :, :, P:] = True
-            logits = policy.output(policy.hidden(nxt[:, None], cache, P + t, step_mask)[:, -1]).float()
-        out.extend((a, d or "length") for a, d in zip(answers, done))
+        with full_weights(policy):  # FSDP: the whole policy on every rank while this micro-batch decodes
+            out.extend(_sample_batch(policy, prompts[s:s + batch_size], params[s:s + batch_size], stop_ids, pad_id,
+                                     device))
     return out
+
+
+def _sample_batch(policy: Transformer, rows: list[list[int]], ps: list[SamplingParams], stop_ids: set[int],
+                  pad_id: int, device: torch.device) -> list[tuple[list[int], str]]:
+    """One left-padded batch of :func:`sample_answers`: a prefill, then one decode pass per token."""
+    cfg = policy.cfg
+    B, P = len(rows), max(len(r) for r in rows)
+    new = max(p.max_tokens for p in ps)
+    if P + new > cfg.max_seq_len:
+        raise LlamalabError(f"ppo: a prompt of {P} tokens plus {new} new ones exceeds the context "
+                            f"({cfg.max_seq_len})")
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    real = torch.zeros(B, P + new, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
+        real[i, P - len(r):] = True
+    gens = [make_generator(p.seed, device) for p in ps]
+    cache = KVCache(cfg, B, P + new, dtype=next(policy.parameters()).dtype, device=device)
+    pos = torch.arange(P, device=device)
+    causal = pos[None, :] <= pos[:, None]
+    mask = (causal[None] & (real[:, None, :P] | torch.eye(P, dtype=torch.bool, device=device)[None]))[:, None]
+    logits = policy.output(policy.hidden(tokens, cache, 0, mask)[:, -1]).float()
+    answers: list[list[int]] = [[] for _ in range(B)]
+    done: list[str | None] = [None] * B
+    for t in range(new):
+        live = [i for i in range(B) if done[i] is None]
+        picked = choose(logits[live], [ps[i] for i in live], [gens[i] for i in live], torch.empty(0),
+                        torch.empty(0))
+        nxt = torch.full((B,), pad_id, dtype=torch.long, device=device)
+        for i, tok in zip(live, picked):
+            answers[i].append(tok)
+            nxt[i] = tok
+            if tok in stop_ids:
+                done[i] = "stop"
+            elif len(answers[i]) >= ps[i].max_tokens:
+                done[i] = "length"
+        if all(d is not None for d in done):
+            break
+        step_mask = real[:, None, None, :P + t + 1].clone()
+        step_mask[:, :, :, P:] = True
+        logits = policy.output(policy.hidden(nxt[:, None], cache, P + t, step_mask)[:, -1]).float()
+    return [(a, d or "length") for a, d in zip(answers, done)]
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -716,6 +765,30 @@ def build_ppo_model(policy: Transformer, lora: LoRAConfig, kl_coef: float) -> tu
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def shard_ppo_model(model: PPOModel, device: torch.device, param_dtype: torch.dtype | None = None) -> PPOModel:
+    """``--parallel.strategy fsdp``: FSDP2 on the policy (its blocks, then the policy as a root) and on the value
+    model (its trunk's blocks, then the value model as a root, which holds the trunk's embedding and norm and the
+    value head), in place; the PPOModel itself stays plain (its running statistics are replicated buffers). Each root
+    then runs one no-grad forward of one token (and reshards), so that FSDP takes it as the root before
+    :func:`full_weights` calls blocks directly. NOTE: a collective; build the optimizer afterwards (parameters
+    become DTensors)."""
+    from llamalab.train.fsdp import apply_fsdp
+
+    apply_fsdp(model.policy, device, param_dtype)
+    apply_fsdp(model.value, device, param_dtype, blocks=model.value.trunk.layers)
+    was = model.training
+    model.eval()  # no dropout draws: the RNG stream stays that of an unsharded run
+    with torch.no_grad():
+        one = torch.zeros(1, 1, dtype=torch.long, device=device)
+        for root in (model.policy, model.value):
+            root(one)
+            # NOTE: a root never reshards after forward; left gathered after this first (no-grad) forward, its
+            # parameters would stay gathered through training and their gradients never be reduce-scattered
+            root.reshard()
+    model.train(was)
+    return model
+
+
 def build_scorer(reward_models: Sequence[str], reward_fns: Sequence[str], weights: Sequence[float], combine: str,
                  threshold: float, device: torch.device, batch_size: int) -> tuple[Scorer, list[dict[str, Any]]]:
     """Every reward model folder and scripted ``module:function`` as one scorer (:func:`combine_scores` of their
@@ -766,8 +839,10 @@ def finish_ppo(run: Any, model: PPOModel, *, lora: LoRAConfig, tokenizer: Any, t
 
     from llamalab.common import is_rank0, write_json_atomic
     from llamalab.finetune.lora import merge_lora, save_adapter
+    from llamalab.finetune.outputs import gather_plain
     from llamalab.model.folder import save_model
     from llamalab.report.html import write_report
+    from llamalab.train.fsdp import is_sharded
 
     rows = [json.loads(ln) for ln in run.metrics.read_text().splitlines()] if run.metrics.exists() else []
     table = iteration_table(rows)
@@ -776,9 +851,11 @@ def finish_ppo(run: Any, model: PPOModel, *, lora: LoRAConfig, tokenizer: Any, t
         print0(f"ppo: stopped at step {result['steps']}/{result['planned_steps']}; continue with --resume "
                f"(no model/ written yet)")
         return summary
+    policy = model.policy
+    if is_sharded(policy):
+        policy = gather_plain(policy, lora)  # a collective: rank 0 gets the full policy (LoRA unmerged)
     if not is_rank0():
         return summary
-    policy = model.policy
     if lora.rank:
         summary["adapter"] = str(save_adapter(run.adapter, policy, lora, record["policy"]))
         merge_lora(policy)

@@ -87,7 +87,8 @@ class RewardModel(Transformer):
         h = self.hidden(tokens, mask=mask)
         if last_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), last_index]
-        return self.score(h).squeeze(-1).float()
+        # a fresh tensor, not a view: FSDP2 hooks backward on a root's outputs and warns about views
+        return self.score(h).squeeze(-1).to(torch.float32, copy=True)
 
 
 def reward_model_from(model: Transformer) -> RewardModel:
@@ -106,6 +107,29 @@ def reward_model_from(model: Transformer) -> RewardModel:
                             f"unexpected {unexpected[:4]})")
     rm.init_score()
     return rm.to(p.dtype)
+
+
+def gather_reward_model(rm: nn.Module, lora: Any = None) -> RewardModel | None:
+    """An FSDP-sharded reward model's full weights as a plain CPU :class:`RewardModel` on rank 0 (None elsewhere),
+    LoRA adapters kept unmerged (``lora``: its config, rank 0 for none). NOTE: a collective: every rank calls it."""
+    from llamalab.common import is_rank0
+    from llamalab.finetune.lora import apply_lora
+    from llamalab.train.checkpoint import full_model_state
+
+    full = full_model_state(rm)
+    if not is_rank0():
+        return None
+    with torch.device("meta"):
+        plain = RewardModel(rm.cfg)
+    plain.to_empty(device="cpu")
+    plain.freqs_cis.copy_(plain._freqs())
+    if lora is not None and lora.rank:
+        apply_lora(plain, lora)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or missing:
+        raise LlamalabError(f"rm: gathered weights do not fit the reward model (missing {missing[:4]}, "
+                            f"unexpected {unexpected[:4]})")
+    return plain
 
 
 def score_tokens(rm: nn.Module, tokens: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:

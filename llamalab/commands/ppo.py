@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from llamalab.align.data import FORMATS, read_prompts
 from llamalab.align.ppo import (
     COMBINE,
@@ -49,6 +51,7 @@ from llamalab.align.ppo import (
     finish_ppo,
     model_path,
     reference_model,
+    shard_ppo_model,
 )
 from llamalab.common import LlamalabError, print0, seed_everything
 from llamalab.config import to_dict
@@ -57,7 +60,7 @@ from llamalab.finetune.stage import StageConfig, load_base, parallel_model, prin
 from llamalab.model.config import flops_per_token
 from llamalab.run_dir import RunDir
 from llamalab.tokenizer.templates import TEMPLATES, stop_token_ids
-from llamalab.train.distributed import ParallelConfig
+from llamalab.train.distributed import ParallelConfig, resolve_strategy
 from llamalab.train.meta import files_record, run_meta, write_meta
 from llamalab.train.optim import warmup_steps_for
 from llamalab.train.trainer import LoopSettings, Trainer
@@ -95,7 +98,8 @@ class Config(StageConfig):
     optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
     lora: PPOLoRAConfig = field(default_factory=PPOLoRAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
-        "help": "under torchrun: strategy ddp (auto); fsdp and tp are not supported by ppo yet"})
+        "help": "under torchrun: strategy ddp (auto) or fsdp (policy and value model sharded; reference and "
+                "reward models whole on every rank); tp is not supported by ppo yet"})
     guard: PPOGuardConfig = field(default_factory=PPOGuardConfig)
     # PPO counts checkpoints and stops in iterations: these override StageConfig's defaults and help
     checkpoint_interval: int = field(default=10, metadata={"help": "iterations between checkpoints (and at the end)"})
@@ -154,8 +158,11 @@ def main(cfg: Config) -> dict[str, Any]:
         reference.to(device)
     scorer, reward_records = build_scorer(cfg.reward_model, cfg.reward_fn, cfg.reward_weights, cfg.reward_combine,
                                           cfg.safety_threshold, device, cfg.ppo.rollout_micro)
-    net, strategy = parallel_model(model, cfg.parallel, device, dtype, world, "ppo", allowed=("ddp",),
-                                   unsupported=" yet")
+    if resolve_strategy(cfg.parallel, world) == "fsdp":  # policy and value sharded; reference and RMs whole
+        net, strategy = shard_ppo_model(model, device, dtype if dtype != torch.float32 else None), "fsdp"
+    else:
+        net, strategy = parallel_model(model, cfg.parallel, device, dtype, world, "ppo", allowed=("ddp", "fsdp"),
+                                       unsupported=" by ppo yet")
     optim, optimizer = stage_optimizer(model, cfg.optim, lora)
     updates = cfg.ppo.updates_per_iteration()
     steps = cfg.iterations * updates

@@ -34,6 +34,7 @@ from llamalab.align.reward import (
     HeldoutEval,
     RMOptimConfig,
     finish_rm,
+    gather_reward_model,
     pair_batch_fn,
     ranking_loss,
     reward_model_from,
@@ -56,6 +57,7 @@ from llamalab.model.config import flops_per_token
 from llamalab.run_dir import RunDir
 from llamalab.tokenizer.templates import TEMPLATES
 from llamalab.train.distributed import ParallelConfig
+from llamalab.train.fsdp import is_sharded
 from llamalab.train.meta import files_record, run_meta, write_meta
 from llamalab.train.trainer import Trainer
 
@@ -81,7 +83,7 @@ class Config(StageConfig):
     optim: RMOptimConfig = field(default_factory=RMOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
-        "help": "under torchrun: strategy ddp (auto); activation checkpointing; compile"})
+        "help": "under torchrun: strategy ddp (auto) or fsdp; activation checkpointing; compile"})
     # --on-error, --limit, --guard.*, --device ... --resume: StageConfig
 
     def validate(self) -> None:
@@ -147,8 +149,7 @@ def main(cfg: Config) -> dict[str, Any]:
         evaluate(rm, autocast)
     heldout: dict[str, Any] = {"before": evaluate.last}
     evaluate.last = None
-    net, strategy = parallel_model(rm, cfg.parallel, device, dtype, world, "rm", allowed=("ddp",),
-                                   unsupported=" for reward models")
+    net, strategy = parallel_model(rm, cfg.parallel, device, dtype, world, "rm")  # fsdp: the root holds the head
     optim, optimizer = stage_optimizer(rm, cfg.optim, bool(cfg.lora.rank))
     settings = loop_settings("rm", run.root, cfg, optim, steps, cfg.eval_interval if held else 0)
     batches = pair_batch_fn(train, g, per_epoch, micro, pad_id, cfg.seed, rank, world)
@@ -169,12 +170,14 @@ def main(cfg: Config) -> dict[str, Any]:
     t_fit = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - t_fit
-    if not is_rank0():
-        return result
     done = result["steps"] >= result["planned_steps"]
     if held and done and evaluate.last is None:  # resumed at the end: the loop ran no evaluation
-        evaluate(rm, autocast)
+        evaluate(rm, autocast)  # every rank (FSDP: a collective; each rank scores every held-out pair)
     heldout["after"] = evaluate.last if held and done else None
+    if done and is_sharded(rm):
+        rm = gather_reward_model(rm, cfg.lora)  # a collective: rank 0 gets the full weights
+    if not is_rank0():
+        return result
     return finish_rm(run, rm, lora=cfg.lora, base=base, data=cfg.data, fmt=cfg.format, tokenizer=tok,
                      template=template, ledger=ledger, split=split, heldout=heldout, result=result, seconds=seconds)
 

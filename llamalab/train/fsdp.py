@@ -20,6 +20,8 @@ full matrix (no communication, but the same random-number work on each rank).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -45,8 +47,9 @@ def mixed_precision_policy(device: torch.device, param_dtype: torch.dtype | None
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``model`` in place: ``fully_shard`` on every block, then on the root; returns ``model``.
+               reshard_after_forward: bool = True, blocks: Iterable[nn.Module] | None = None) -> nn.Module:
+    """Shard ``model`` in place: ``fully_shard`` on every block (``blocks``, default ``model.layers``: e.g. a
+    value model's ``trunk.layers``), then on the root; returns ``model``.
 
     ``reshard_after_forward=False`` keeps the gathered weights of each block from forward to
     backward (ZeRO-2 like: one all-gather fewer per block, more memory). The root is never
@@ -59,7 +62,7 @@ def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: torch.dtype 
         raise LlamalabError("parallel.strategy=fsdp needs a process group: launch with torchrun")
     fully_shard, _ = _fsdp_api()
     mp = mixed_precision_policy(device, param_dtype)
-    for block in model.layers:
+    for block in model.layers if blocks is None else blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, reshard_after_forward=False, mp_policy=mp)
     return model
