@@ -55,6 +55,15 @@ from llamalab.train.meta import files_record, run_meta, write_meta
 from llamalab.train.step import evaluate_loss
 from llamalab.train.trainer import Trainer
 
+DEFAULT_SEQ_LEN = 1024  # TRL SFTConfig.max_length; Alpaca rows rarely pass 600 tokens
+MICRO_TOKENS = 4096  # tokens per forward pass by default: SmolLM2 LoRA at 8 x 1024 needs > 23 GB on CPU
+
+
+def default_micro(rows_per_process: int, seq_len: int) -> int:
+    """Rows per forward pass when ``--micro-batch-size`` is 0: as many ``seq_len`` rows as fit
+    :data:`MICRO_TOKENS` tokens, at least 1 and at most 8 (and the rows a process gets per step)."""
+    return max(1, min(rows_per_process, 8, MICRO_TOKENS // seq_len))
+
 
 @dataclass
 class Config(StageConfig):
@@ -68,7 +77,8 @@ class Config(StageConfig):
     template: str = field(default="", metadata={"help": f"chat template ({', '.join(TEMPLATES)}); "
                                                        "default: the base model's, else llama2"})
     run_dir: str = field(default="runs/sft", metadata={"help": "where the run's record and model/ go"})
-    seq_len: int = field(default=0, metadata={"help": "row length in tokens (0: the model's context)"})
+    seq_len: int = field(default=0, metadata={"help": f"row length in tokens (0: min(the model's context, "
+                                                     f"{DEFAULT_SEQ_LEN}), TRL's SFT default)"})
     packing: bool = field(default=True, metadata={"help": "pack examples into full rows (attention kept per example)"})
     overlong: str = field(default="split", metadata={"choices": list(OVERLONG),
                                                      "help": "examples longer than seq_len: split at turns, "
@@ -78,7 +88,8 @@ class Config(StageConfig):
     eval_interval: int = field(default=50, metadata={"help": "steps between validation losses (with --val-fraction)"})
     epochs: float = 2.0
     batch_size: int = field(default=64, metadata={"help": "rows per optimizer step (Llama 2: 64)"})
-    micro_batch_size: int = field(default=0, metadata={"help": "rows per forward pass (0: min(batch_size, 8))"})
+    micro_batch_size: int = field(default=0, metadata={"help": f"rows per forward pass (0: as many as fit "
+                                                               f"{MICRO_TOKENS} tokens, 1 to 8)"})
     steps: int = field(default=0, metadata={"help": "optimizer steps (0: epochs * ceil(rows / batch_size))"})
     optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -107,7 +118,10 @@ def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
     b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.seq_len, "--seq-len")
     device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
-    model, meta, base, tok, template, seq_len = b.model, b.meta, b.path, b.tokenizer, b.template, b.length
+    model, meta, base, tok, template = b.model, b.meta, b.path, b.tokenizer, b.template
+    # NOTE: rows are padded to seq_len, so "the model's context" (8192 for SmolLM2) as the default row made
+    # packed rows of 8192 tokens whose logits alone (x 49k vocabulary) took GBs per row: killed for memory.
+    seq_len = cfg.seq_len or min(b.length, DEFAULT_SEQ_LEN)
 
     t0 = time.perf_counter()
     examples, ledger = load_sft_data(cfg.data, cfg.format, template, tok, seq_len, cfg.overlong, cfg.on_error,
@@ -122,7 +136,7 @@ def main(cfg: Config) -> dict[str, Any]:
     g, per_epoch, steps = plan_steps(len(rows), cfg.batch_size, cfg.epochs, cfg.steps)
     if g % world:
         raise LlamalabError(f"sft: --batch-size {g} rows does not divide by the {world} data-parallel processes")
-    micro = cfg.micro_batch_size or min(g // world, 8)
+    micro = cfg.micro_batch_size or default_micro(g // world, seq_len)
     run = RunDir(cfg.run_dir)
     if is_rank0():
         run.root.mkdir(parents=True, exist_ok=True)

@@ -191,3 +191,27 @@ def test_optim_flags_are_pretrainings_with_sft_defaults(tmp_path):
     assert warmup_steps_for(cfg.optim, 200) == 5
     with pytest.raises(LlamalabError, match="add --optim.warmup-ratio 0"):
         parse_config(Config, base + ["--optim.warmup-steps", "5"])
+
+
+def test_default_rows_are_capped_at_1024_tokens(tmp_path, tiny_config, sft_tok):
+    """A long-context base (SmolLM2: 8192) no longer packs rows of its whole context by default: those rows'
+    logits (8 x 8192 x 49k) got the process killed for memory on a 24 GB machine."""
+    from llamalab.commands.sft import DEFAULT_SEQ_LEN, default_micro
+    from llamalab.model import Transformer
+    from llamalab.model.folder import save_model
+
+    tiny_config.vocab_size, tiny_config.max_seq_len = sft_tok.vocab_size, 4096
+    torch.manual_seed(0)
+    base = save_model(tmp_path / "base", Transformer(tiny_config), sft_tok.path)
+    out = sft_main(Config(base=str(base), data=[str(_data(tmp_path))], format="alpaca", template="llama2",
+                          run_dir=str(tmp_path / "run"), steps=1, batch_size=8, checkpoint_interval=0))
+    assert out["steps"] == 1
+    ledger = json.loads((tmp_path / "run" / "sft_data.json").read_text())
+    assert ledger["seq_len"] == DEFAULT_SEQ_LEN == 1024
+    # rows per forward pass: 4096 tokens' worth, 1..8, never more than a process's rows
+    assert [default_micro(8, n) for n in (128, 1024, 4096, 8192)] == [8, 4, 1, 1]
+    assert default_micro(2, 128) == 2
+    # an explicit --seq-len is still bounded by the context, with the flag named
+    with pytest.raises(Exception, match="--seq-len 8192 exceeds the model's context"):
+        sft_main(Config(base=str(base), data=[str(_data(tmp_path))], format="alpaca", run_dir=str(tmp_path / "r2"),
+                        seq_len=8192, steps=1, batch_size=2, checkpoint_interval=0))
