@@ -491,6 +491,7 @@ def run_chat_recipe(cfg: Any, stages: Stages) -> dict[str, Any]:
             rec.runs_this_time.append("release")
         rec.save()
     report = write_recipe_report(rec.run.report, rec.record)
+    print0(recipe_markdown(rec.record))
     print0(f"recipe: done in {time.perf_counter() - t_all:.1f}s | ran {', '.join(rec.runs_this_time) or 'nothing'} "
            f"(the rest was done before) | {rec.run.recipe} | {report}")
     return {**rec.record, "ran": rec.runs_this_time, "report": str(report)}
@@ -513,7 +514,7 @@ def recipe_table(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for t in steps.get(name, {}).get("figures", {}).get("benchmarks", {}):
             if t not in tasks:
                 tasks.append(t)
-    head = ["step", *tasks, "RM acc", "mean RM score", "judge W/T/L vs start", "wall time (s)"]
+    head = ["step", *tasks, "RM acc", "mean RM score", "judge W/T/L vs start", "train (s)", "eval (s)"]
     rows = []
     for name in ("start", "sft", "rm", "dpo", "ppo", "release"):
         row = steps.get(name)
@@ -532,6 +533,7 @@ def recipe_table(record: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         j = f.get("judge")
         cells.append(f"{j['win']}/{j['tie']}/{j['loss']}" if j else "&ndash;")
         cells.append(f"{row['seconds']:.0f}" if row.get("seconds") is not None else "&ndash;")
+        cells.append(f"{f['seconds']:.0f}" if f.get("seconds") is not None else "&ndash;")
         rows.append(cells)
     return head, rows
 
@@ -551,4 +553,14 @@ def write_recipe_report(path: Path, record: dict[str, Any]) -> Path:
            "prompts. Judge: wins/ties/losses against the start (both orders).</p>"
            f"<table><tr>{th}</tr>{trs}</table></body></html>")
     path.write_text(doc, encoding="utf-8")
+    path.with_suffix(".md").write_text(recipe_markdown(record), encoding="utf-8")
     return path
+
+
+def recipe_markdown(record: dict[str, Any]) -> str:
+    """The report's table as Markdown (``report.md``, printed at the end of a run): paste it into a README."""
+    head, rows = recipe_table(record)
+    plain = [[html.unescape(c) for c in r] for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in plain]
+    return "\n".join(lines) + "\n"

@@ -109,6 +109,13 @@ def test_chat_recipe_runs_every_step_then_a_rerun_skips_them(tmp_path, align_bas
     assert held and not ppo_prompts & {json.dumps(p.prompt) for p in held}
     html = RunDir(out).report.read_text()
     assert all(f"<td>{s}</td>" in html for s in ("start", "sft", "rm", "dpo", "ppo")) and "arc_easy" in html
+    # the same table as Markdown, for a README: one row per step, the DPO row's train seconds and eval seconds
+    md = RunDir(out).report.with_suffix(".md").read_text().splitlines()
+    assert md[0].startswith("| step | arc_easy") and md[0].endswith("| train (s) | eval (s) |")
+    dpo_row = next(r for r in md if r.startswith("| dpo |")).split(" | ")
+    assert dpo_row[-2] == f"{steps['dpo']['seconds']:.0f}"
+    assert dpo_row[-1].rstrip(" |") == f"{steps['dpo']['figures']['seconds']:.0f}"
+    assert "&" not in "".join(md) and "±" in next(r for r in md if r.startswith("| sft |"))
 
     # the rerun: nothing trains or evaluates again, the record stays
     before = dict(counted)
