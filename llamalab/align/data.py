@@ -506,6 +506,10 @@ class PairBatch:
     def units(self) -> int:
         return self.margin.shape[0]
 
+    def n_tokens(self) -> int:
+        """Tokens of all 2N rows, padding left out."""
+        return int((self.last_index + 1).sum())
+
 
 def collate_pairs(batch: Sequence[EncodedPair], pad_id: int) -> PairBatch:
     """Right-pad the chosen then the rejected rows of ``batch`` to the longest."""

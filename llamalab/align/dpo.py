@@ -80,6 +80,9 @@ class DPOBatch:
     def units(self) -> int:
         return int(self.weight.sum().item())
 
+    def n_tokens(self) -> int:
+        return self.pairs.n_tokens() if self.units() else 0
+
 
 def _dpo_batch(encoded: Sequence[EncodedPair], ref: torch.Tensor | None, idx: Sequence[int], pad_id: int,
                weight: float = 1.0) -> DPOBatch:

@@ -486,6 +486,13 @@ class PPOBatch:
     def units(self) -> int:
         return int(self.mask.sum())
 
+    def n_tokens(self) -> int:
+        """Tokens of the rows up to each row's last answer token (what the forward reads, padding aside)."""
+        t = self.mask.shape[1]
+        cols = torch.arange(t, device=self.mask.device)
+        last = torch.where(self.mask, cols, -2).amax(1)  # mask[:, t] is the action tokens[:, t+1]; -2: no answer
+        return int((last + 2).clamp(max=t).sum())
+
 
 def _logp_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T): log p(tokens[:, t+1] | logits[:, t]); the last column 0."""

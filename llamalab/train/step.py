@@ -41,7 +41,9 @@ IGNORE_INDEX = -100  # targets never scored: prompts in SFT, padding; F.cross_en
 
 @runtime_checkable
 class UnitBatch(Protocol):
-    """A micro-batch other than (x, y): the loss is summed over ``units()`` (pairs, rollout tokens)."""
+    """A micro-batch other than (x, y): the loss is summed over ``units()`` (pairs, rollout tokens). It may also
+    have ``n_tokens()``, the tokens its forward passes read (pairs: both answers' rows without padding): what
+    tokens/s and MFU count; without it they count units."""
 
     def to(self, device: torch.device) -> "UnitBatch": ...
 
@@ -52,6 +54,7 @@ class UnitBatch(Protocol):
 class StepResult:
     loss: float  # mean loss per target token (or per unit) over the global batch
     n_tokens: int  # target tokens (or units) in the global batch
+    n_input_tokens: int = 0  # tokens the forward passes read over the global batch (tokens/s, MFU); 0: n_tokens
     grad_norm: float | None = None
     stats: dict[str, float] = field(default_factory=dict)  # a loss_fn's extra statistics, means over units
 
@@ -61,6 +64,14 @@ def batch_units(mb: Any) -> int:
     if isinstance(mb, tuple):
         return int((mb[1] != IGNORE_INDEX).sum())
     return int(mb.units())
+
+
+def batch_tokens(mb: Any) -> int:
+    """The tokens a micro-batch's forward reads, for throughput: (x, y)'s scored tokens, a UnitBatch's
+    ``n_tokens()`` when it has one, else its units."""
+    if not isinstance(mb, tuple) and hasattr(mb, "n_tokens"):
+        return int(mb.n_tokens())
+    return batch_units(mb)
 
 
 def call_loss(loss_fn: Callable[..., Any] | None, model: torch.nn.Module, mb: Any
@@ -100,12 +111,12 @@ def model_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return token_loss_sum(model(x), y)
 
 
-def _global_count(n: int, device: torch.device, dp_world: int) -> int:
+def _global_count(n: list[int], device: torch.device, dp_world: int) -> list[int]:
     if dp_world == 1:
         return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
+    t = torch.tensor(n, dtype=torch.long, device=device)
     dist.all_reduce(t)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
 
 
 def grad_sync(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -129,8 +140,9 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[Any],
     """
     device = next(model.parameters()).device
     local = sum(batch_units(mb) for mb in micro_batches)
+    local_tokens = sum(batch_tokens(mb) for mb in micro_batches)
     dp_world = data_parallel_world(model)  # 1 under tensor parallelism: every rank has the same batch
-    n_global = _global_count(local, device, dp_world)
+    n_global, tokens_global = _global_count([local, local_tokens], device, dp_world)
     scale = dp_world / max(n_global, 1)
     total = torch.zeros((), device=device)
     sums: dict[str, torch.Tensor] = {}
@@ -156,7 +168,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[Any],
         dist.all_reduce(packed)
         total, sums = packed[0], {k: packed[j + 1] for j, k in enumerate(names)}
     denom = max(n_global, 1)
-    return StepResult(loss=float(total) / denom, n_tokens=n_global,
+    return StepResult(loss=float(total) / denom, n_tokens=n_global, n_input_tokens=tokens_global,
                       stats={k: float(sums[k]) / denom for k in names})
 
 

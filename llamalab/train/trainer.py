@@ -407,7 +407,7 @@ class Trainer:
             grad_norm = clip_and_step(self.model, self.optimizer, s.grad_clip, self.scaler)
             self.guard.accept(loss)
             dt = time.perf_counter() - t0
-            tokens = s.tokens_per_step or res.n_tokens
+            tokens = s.tokens_per_step or res.n_input_tokens or res.n_tokens
             st.step += 1
             st.batch_index = b + 1
             st.tokens_seen += tokens

@@ -111,6 +111,8 @@ def test_reward_model_learns_the_marker_preference(tmp_path, align_base):
     run = RunDir(tmp_path / "rm")
     rows = [json.loads(x) for x in run.metrics.read_text().splitlines()]
     assert all({"loss", "accuracy", "margin"} <= set(r) for r in rows)
+    # tokens/s counts the pairs' tokens: tokens_seen grows by far more than the pairs of a step
+    assert rows[0]["tokens_seen"] > 10 * out["split"]["train"] / max(1, out["steps"])
     vals = [r for r in rows if "val_accuracy" in r]
     assert "val_pairs" not in vals[-1]  # a count, not a metric
     assert vals and vals[-1]["step"] == out["steps"] and abs(vals[-1]["val_accuracy"] - after["accuracy"]) < 1e-9

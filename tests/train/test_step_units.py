@@ -58,3 +58,25 @@ def test_token_batches_unchanged():
     logits = emb(x)
     ref = torch.nn.functional.cross_entropy(logits.view(-1, 8), y.view(-1), ignore_index=-100)
     assert abs(res.loss - float(ref)) < 1e-6 and res.stats == {}
+
+
+@dataclass
+class CountedPairs(Pairs):
+    rows: int = 0
+
+    def to(self, device):
+        return CountedPairs(self.a.to(device), self.b.to(device), self.rows)
+
+    def n_tokens(self) -> int:
+        return self.rows
+
+
+def test_throughput_counts_the_tokens_a_unit_batch_reads():
+    """tokens/s and MFU of RM/DPO/PPO steps count the rows' tokens (n_tokens), not pairs: 16 pairs of 300 tokens
+    per step printed "0 tok/s" before."""
+    a, b = torch.randn(6, 3), torch.randn(6, 3)
+    model = torch.nn.Linear(3, 1)
+    res = forward_backward(model, [CountedPairs(a[:2], b[:2], 700), CountedPairs(a[2:], b[2:], 1300)],
+                           loss_fn=pair_loss)
+    assert res.n_tokens == 6 and res.n_input_tokens == 2000
+    assert forward_backward(model, [Pairs(a, b)], loss_fn=pair_loss).n_input_tokens == 6  # no n_tokens: units
