@@ -531,14 +531,13 @@ def _tail_mask(ids: list[int], start: int) -> list[int]:
 
 
 def answer_logprobs(model: torch.nn.Module, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """(rows,) summed log-probability of the answer tokens of each row (fp32)."""
-    logits = model(tokens).float()
-    return token_logprobs(logits, tokens, loss_mask)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """(rows,) sum over t with loss_mask[:, t] of log p(tokens[:, t+1] | logits[:, t])."""
-    B, T, V = logits.shape
-    lp = -torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1),
-                                            reduction="none").view(B, T - 1)
-    return (lp * loss_mask[:, :-1].to(lp.dtype)).sum(-1)
+    """(rows,) summed log-probability of the answer tokens of each row (fp32). Only the answer positions'
+    logits are computed (the model's ``keep``), not the (rows, T, vocabulary) tensor."""
+    B, T = tokens.shape
+    keep = loss_mask.clone()
+    keep[:, -1] = False  # position t predicts tokens[:, t+1]
+    logits = model(tokens, keep=keep).float()  # (N, V)
+    targets = tokens.roll(-1, dims=1)[keep]  # (N,)
+    lp = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)[keep]
+    return torch.zeros(B, dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)

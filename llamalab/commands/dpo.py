@@ -54,6 +54,7 @@ from llamalab.finetune.lora import LoRAConfig, apply_lora
 from llamalab.finetune.outputs import base_record
 from llamalab.finetune.packing import pad_id_of, plan_steps
 from llamalab.finetune.stage import (
+    DEFAULT_LENGTH,
     StageConfig,
     check_warmup,
     load_base,
@@ -84,8 +85,8 @@ class Config(StageConfig):
     template: str = field(default="", metadata={"help": f"chat template ({', '.join(TEMPLATES)}); "
                                                        "default: the base model's, else llama2"})
     run_dir: str = field(default="runs/dpo", metadata={"help": "where the run's record and model/ go"})
-    max_len: int = field(default=0, metadata={"help": "tokens per prompt + answer, longer answers cut "
-                                                      "(0: the model's context)"})
+    max_len: int = field(default=0, metadata={"help": f"tokens per prompt + answer, longer answers cut (0: "
+                                                      f"min(the model's context, {DEFAULT_LENGTH}), TRL's max_length)"})
     beta: float = field(default=0.1, metadata={"help": "strength of the KL penalty to the reference"})
     loss: str = field(default="sigmoid", metadata={"choices": list(LOSSES), "help": "sigmoid (DPO) or ipo"})
     label_smoothing: float = field(default=0.0, metadata={"help": "assumed label noise (conservative DPO)"})
@@ -129,7 +130,7 @@ class Config(StageConfig):
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.max_len, "--max-len")
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.max_len, "--max-len", DEFAULT_LENGTH)
     device, dtype, rank, world, autocast = b.device, b.dtype, b.rank, b.world, b.autocast
     model, meta, base, tok, template, max_len = b.model, b.meta, b.path, b.tokenizer, b.template, b.length
 

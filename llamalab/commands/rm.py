@@ -45,6 +45,7 @@ from llamalab.finetune.lora import LoRAConfig, apply_lora
 from llamalab.finetune.outputs import base_record
 from llamalab.finetune.packing import pad_id_of, plan_steps
 from llamalab.finetune.stage import (
+    DEFAULT_LENGTH,
     StageConfig,
     check_warmup,
     load_base,
@@ -72,8 +73,8 @@ class Config(StageConfig):
     template: str = field(default="", metadata={"help": f"chat template ({', '.join(TEMPLATES)}); default: the "
                                                        "base model's, else llama2"})
     run_dir: str = field(default="runs/rm", metadata={"help": "where the run's record and model/ go"})
-    max_len: int = field(default=0, metadata={"help": "tokens per prompt + answer (0: the model's context); "
-                                                      "longer answers are cut"})
+    max_len: int = field(default=0, metadata={"help": f"tokens per prompt + answer (0: min(the model's "
+                                                      f"context, {DEFAULT_LENGTH})); longer answers are cut"})
     heldout_fraction: float = field(default=0.1, metadata={"help": "prompts held out for accuracy (seeded hash)"})
     eval_interval: int = field(default=50, metadata={"help": "steps between held-out evaluations (and at the end)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs (Llama 2: 1)"})
@@ -108,7 +109,7 @@ class Config(StageConfig):
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.max_len, "--max-len")
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.max_len, "--max-len", DEFAULT_LENGTH)
     device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
     base, tok, template, max_len = b.path, b.tokenizer, b.template, b.length
 

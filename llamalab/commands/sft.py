@@ -40,6 +40,7 @@ from llamalab.finetune.optim import SFTOptimConfig
 from llamalab.finetune.outputs import base_record, finish
 from llamalab.finetune.packing import eval_batches, make_batch_fn, pack_rows, pad_id_of, plan_steps, sft_loss
 from llamalab.finetune.stage import (
+    DEFAULT_LENGTH,
     StageConfig,
     check_warmup,
     load_base,
@@ -55,7 +56,7 @@ from llamalab.train.meta import files_record, run_meta, write_meta
 from llamalab.train.step import evaluate_loss
 from llamalab.train.trainer import Trainer
 
-DEFAULT_SEQ_LEN = 1024  # TRL SFTConfig.max_length; Alpaca rows rarely pass 600 tokens
+DEFAULT_SEQ_LEN = DEFAULT_LENGTH  # TRL SFTConfig.max_length; Alpaca rows rarely pass 600 tokens
 MICRO_TOKENS = 4096  # tokens per forward pass by default: SmolLM2 LoRA at 8 x 1024 needs > 23 GB on CPU
 
 
@@ -116,12 +117,11 @@ class Config(StageConfig):
 
 def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
-    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.seq_len, "--seq-len")
-    device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
-    model, meta, base, tok, template = b.model, b.meta, b.path, b.tokenizer, b.template
     # NOTE: rows are padded to seq_len, so "the model's context" (8192 for SmolLM2) as the default row made
     # packed rows of 8192 tokens whose logits alone (x 49k vocabulary) took GBs per row: killed for memory.
-    seq_len = cfg.seq_len or min(b.length, DEFAULT_SEQ_LEN)
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.seq_len, "--seq-len", DEFAULT_SEQ_LEN)
+    device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
+    model, meta, base, tok, template, seq_len = b.model, b.meta, b.path, b.tokenizer, b.template, b.length
 
     t0 = time.perf_counter()
     examples, ledger = load_sft_data(cfg.data, cfg.format, template, tok, seq_len, cfg.overlong, cfg.on_error,

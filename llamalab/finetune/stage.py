@@ -82,10 +82,18 @@ class Base:
         return autocast_for(self.device, self.dtype)
 
 
-def load_base(path: str, template: str, device: str, dtype: str, length: int = 0, length_flag: str = "") -> Base:
+DEFAULT_LENGTH = 1024  # TRL's max_length for SFT, DPO and reward models; rows/pairs longer are split or cut
+
+
+def load_base(path: str, template: str, device: str, dtype: str, length: int = 0, length_flag: str = "",
+              default_length: int = 0) -> Base:
     """:func:`~llamalab.train.distributed.init_device`, then the model at ``path`` by the one loader and its
     template (``template``, else its own: :func:`~llamalab.tokenizer.templates.resolve_template`). ``length``
-    (0: the model's context) may not exceed the context; ``length_flag`` names the flag in the error."""
+    (0: ``default_length`` capped at the model's context; 0 again: the context) may not exceed the context;
+    ``length_flag`` names the flag in the error.
+
+    NOTE: a fine-tuning row's activations and (rows, T, vocabulary) logits grow with its length: SmolLM2's
+    8192-token context as the default length got the chat recipe killed for memory on a 24 GB machine."""
     from llamalab.model.folder import load
     from llamalab.tokenizer.templates import resolve_template
 
@@ -93,7 +101,7 @@ def load_base(path: str, template: str, device: str, dtype: str, length: int = 0
     loaded = load(path, device="cpu", dtype=torch.float32)
     model = loaded.model
     ctx = model.cfg.max_seq_len
-    n = length or ctx
+    n = length or min(ctx, default_length or ctx)
     if n > ctx:
         raise LlamalabError(f"{length_flag} {n} exceeds the model's context ({ctx})")
     return Base(dev, dt, rank, world, model, loaded.meta, loaded.path, loaded.tokenizer,

@@ -99,14 +99,20 @@ class Transformer(nn.Module):
             init.normal_(self.output.weight, init.std)
 
     def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) in fp32.
 
         ``kv_cache``: decode incrementally; ``tokens`` sit at positions [start_pos, start_pos+T).
         ``mask``: optional boolean (B or 1, 1, T, S) attention mask (True = may attend) replacing
         the causal one, for packed sequences or left-padded batches.
+        ``keep``: optional boolean (B, T): only those positions' logits, as (N, V) in row-major order (HF's
+        ``logits_to_keep``). NOTE: the (B, T, V) logits of a 49k vocabulary are GBs at a few thousand tokens;
+        a preference loss reads only the answer positions, a quarter of them on HH-RLHF.
         """
-        return self.output(self.hidden(tokens, kv_cache, start_pos, mask)).float()
+        h = self.hidden(tokens, kv_cache, start_pos, mask)  # (B, T, dim)
+        if keep is not None:
+            h = h[keep]  # (N, dim)
+        return self.output(h).float()
 
     def hidden(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0,
                mask: torch.Tensor | None = None) -> torch.Tensor:

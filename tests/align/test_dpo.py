@@ -52,8 +52,9 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(logits)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.logits[: tokens.shape[0], : tokens.shape[1]]
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits[: tokens.shape[0], : tokens.shape[1]]
+        return logits if keep is None else logits[keep]  # as Transformer.forward's keep
 
 
 def test_dpo_loss_fn_on_fixed_logits_sums_answer_logprobs_only():

@@ -150,3 +150,19 @@ def test_seeded_init_is_one_rule_drawn_in_parameter_order(tiny_config, init, tie
         s = std / math.sqrt(2 * cfg.n_layers) if resid else std
         assert torch.equal(p, torch.empty(p.shape).normal_(0.0, s, generator=g)), name
     assert not tie or m.output.weight is m.tok_embeddings.weight
+
+
+def test_keep_returns_only_the_chosen_positions_logits(tiny_config):
+    """``keep`` (HF's logits_to_keep, as a mask): the same logits as the full forward at those positions, in
+    row-major order, with gradients to the weights."""
+    torch.manual_seed(0)
+    m = Transformer(tiny_config)
+    tokens = torch.randint(0, tiny_config.vocab_size, (3, 12))
+    keep = torch.rand(3, 12) < 0.3
+    keep[1] = False  # a row with nothing kept
+    full = m(tokens)
+    got = m(tokens, keep=keep)
+    assert got.shape == (int(keep.sum()), tiny_config.vocab_size)
+    torch.testing.assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert m.output.weight.grad is not None and m.layers[0].attention.wq.weight.grad.abs().sum() > 0
