@@ -103,8 +103,9 @@ class PPOConfig:
     minibatch: int = field(default=64, metadata={"help": "answers per update (Llama 2: 64)"})
     epochs: int = field(default=1, metadata={"help": "passes over each rollout buffer (Llama 2: 1)"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest answer sampled"})
-    max_prompt_len: int = field(default=0, metadata={"help": "longer prompts are dropped (0, and at most: the "
-                                                              "context - max_new_tokens)"})
+    max_prompt_len: int = field(default=0, metadata={"help": "longer prompts are dropped (0: min(the context, "
+                                                              "1024) - max_new_tokens; at most the context - "
+                                                              "max_new_tokens)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
     top_p: float = 1.0
     top_k: int = 0

@@ -56,7 +56,14 @@ from llamalab.align.ppo import (
 from llamalab.common import LlamalabError, print0, seed_everything
 from llamalab.config import to_dict
 from llamalab.finetune.outputs import base_record
-from llamalab.finetune.stage import StageConfig, load_base, parallel_model, print_dropped, stage_optimizer
+from llamalab.finetune.stage import (
+    DEFAULT_LENGTH,
+    StageConfig,
+    load_base,
+    parallel_model,
+    print_dropped,
+    stage_optimizer,
+)
 from llamalab.model.config import flops_per_token
 from llamalab.run_dir import RunDir
 from llamalab.tokenizer.templates import TEMPLATES, stop_token_ids
@@ -94,7 +101,7 @@ class Config(StageConfig):
     iterations: int = field(default=100, metadata={"help": "PPO iterations (rollout + updates)"})
     ppo: PPOConfig = field(default_factory=PPOConfig)
     micro_batch_size: int = field(default=0, metadata={"help": "answers per forward pass in an update "
-                                                               "(0: min(minibatch per process, 8))"})
+                                                               "(0: min(minibatch per process, 4))"})
     optim: PPOOptimConfig = field(default_factory=PPOOptimConfig)
     lora: PPOLoRAConfig = field(default_factory=PPOLoRAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={
@@ -136,7 +143,10 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.ppo.max_new_tokens >= ctx:
         raise LlamalabError(f"--ppo.max-new-tokens {cfg.ppo.max_new_tokens} leaves no room for a prompt in the "
                             f"policy's {ctx}-token context")
-    max_prompt = min(cfg.ppo.max_prompt_len or ctx, ctx - cfg.ppo.max_new_tokens)  # room for a whole answer
+    # NOTE: an update runs the policy and the value model over prompt + answer with gradients: SmolLM2's
+    # 8192-token context as the prompt limit let 8 HH-RLHF dialogues of ~1,000 tokens take > 21 GB (killed).
+    default_prompt = min(ctx, DEFAULT_LENGTH) - cfg.ppo.max_new_tokens
+    max_prompt = min(cfg.ppo.max_prompt_len or max(default_prompt, 1), ctx - cfg.ppo.max_new_tokens)
 
     t0 = time.perf_counter()
     records, ledger = read_prompts(cfg.data, cfg.format, cfg.limit, cfg.on_error)
@@ -166,7 +176,7 @@ def main(cfg: Config) -> dict[str, Any]:
     optim, optimizer = stage_optimizer(model, cfg.optim, lora)
     updates = cfg.ppo.updates_per_iteration()
     steps = cfg.iterations * updates
-    micro = cfg.micro_batch_size or min(cfg.ppo.minibatch // world, 8)
+    micro = cfg.micro_batch_size or min(cfg.ppo.minibatch // world, 4)
     samples: list[dict[str, Any]] = []
     batches = PPOBatches(model, reference, scorer, prompts, prompt_ids, tok,
                          {tok.eos_id, *stop_token_ids(template, tok)}, cfg.ppo, micro, cfg.seed, rank, world, device,

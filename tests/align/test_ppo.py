@@ -351,3 +351,23 @@ def test_ppo_against_a_trained_reward_model(tmp_path, align_base, prompts_file):
     meta = json.loads((tmp_path / "ppo_rm" / "meta.json").read_text())
     rec = meta["rewards"][0]["reward_model"]
     assert rec["weights_sha256"] and rec["template"] == "llama2" and rec["path"].endswith("model")
+
+
+def test_default_prompt_limit_is_1024_tokens_with_the_answer(tmp_path, tiny_config, align_tok):
+    """A long-context policy (SmolLM2: 8192) takes prompts up to 1024 - max_new_tokens by default, not its whole
+    context: the update runs two models over prompt + answer with gradients (8 long HH dialogues: > 21 GB)."""
+    from llamalab.commands.ppo import main
+    from llamalab.model import Transformer
+    from llamalab.model.folder import save_model
+
+    tiny_config.vocab_size, tiny_config.max_seq_len = align_tok.vocab_size, 2048
+    torch.manual_seed(0)
+    base = save_model(tmp_path / "base", Transformer(tiny_config), align_tok.path)
+    n = len(align_tok.encode("word " * 100, bos=False)) / 100  # tokens per "word "
+    recs = synthetic_pairs(15, seed=4) + [{"prompt": "word " * int(1200 / n)}]
+    data = write_jsonl(tmp_path / "p.jsonl", recs)
+    cfg = _cfg(tmp_path, base, data, "long", iterations=1)
+    cfg.ppo.rollout_batch, cfg.ppo.minibatch = 8, 8
+    led = main(cfg)["prompts"]
+    assert led["max_prompt_len"] == 1024 - 8
+    assert led["dropped"] == {"prompt_too_long": 1} and led["kept"] == 15
