@@ -202,7 +202,9 @@ def save_reward_model(folder: str | Path, rm: RewardModel, tokenizer: Any, templ
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                       verify: bool = True) -> tuple[RewardModel, Any, dict[str, Any]]:
-    """A reward model folder (or a run folder holding one in ``model/``) -> (rm in eval mode, tokenizer, meta)."""
+    """A reward model folder (or a run folder holding one in ``model/``) -> (rm in eval mode, tokenizer, meta).
+    ``device`` may be ``"auto"`` (CUDA when available)."""
+    from llamalab.common import resolve_device
     from llamalab.model.folder import (
         check_memory,
         load_into,
@@ -230,7 +232,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu", dtyp
     rm.to_empty(device="cpu")
     rm.init_weights()
     load_into(rm, sd, str(weights))
-    rm.to(device=device, dtype=dtype).eval()
+    rm.to(device=resolve_device(device) if isinstance(device, str) else device, dtype=dtype).eval()
     return rm, load_tokenizer(folder), meta
 
 

@@ -56,7 +56,7 @@ def _config(tmp_path, base, sft_files, pref_file):
     return from_dict(Config, {
         "base": str(base), "out": str(tmp_path / "recipe"), "sft_data": [str(p) for p in sft_files],
         "preference_data": [str(pref_file)], "questions": str(shared_path("judge/vicuna80_question.jsonl")),
-        "heldout_fraction": 0.25, "lora_rank": 4, "device": "cpu",
+        "heldout_fraction": 0.25, "lora_rank": 4, "device": "auto",
         "sft": small, "rm": {**small, "limit": 32}, "dpo": {**small, "limit": 32},
         "ppo": {**small, "limit": 32, "overrides": json.dumps({"ppo": {"max_new_tokens": 8}})},
         "eval": {"tasks": ["arc_easy"], "paths": [str(shared_path("eval/arc/ARC-Easy-Dev.jsonl"))], "limit": 4,
