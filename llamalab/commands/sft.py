@@ -41,8 +41,10 @@ from llamalab.finetune.outputs import base_record, finish
 from llamalab.finetune.packing import eval_batches, make_batch_fn, pack_rows, pad_id_of, plan_steps, sft_loss
 from llamalab.finetune.stage import (
     DEFAULT_LENGTH,
+    MICRO_TOKENS,
     StageConfig,
     check_warmup,
+    default_micro,
     load_base,
     loop_settings,
     parallel_model,
@@ -55,15 +57,6 @@ from llamalab.tokenizer.templates import TEMPLATES
 from llamalab.train.meta import files_record, run_meta, write_meta
 from llamalab.train.step import evaluate_loss
 from llamalab.train.trainer import Trainer
-
-DEFAULT_SEQ_LEN = DEFAULT_LENGTH  # TRL SFTConfig.max_length; Alpaca rows rarely pass 600 tokens
-MICRO_TOKENS = 4096  # tokens per forward pass by default: SmolLM2 LoRA at 8 x 1024 needs > 23 GB on CPU
-
-
-def default_micro(rows_per_process: int, seq_len: int) -> int:
-    """Rows per forward pass when ``--micro-batch-size`` is 0: as many ``seq_len`` rows as fit
-    :data:`MICRO_TOKENS` tokens, at least 1 and at most 8 (and the rows a process gets per step)."""
-    return max(1, min(rows_per_process, 8, MICRO_TOKENS // seq_len))
 
 
 @dataclass
@@ -79,7 +72,7 @@ class Config(StageConfig):
                                                        "default: the base model's, else llama2"})
     run_dir: str = field(default="runs/sft", metadata={"help": "where the run's record and model/ go"})
     seq_len: int = field(default=0, metadata={"help": f"row length in tokens (0: min(the model's context, "
-                                                     f"{DEFAULT_SEQ_LEN}), TRL's SFT default)"})
+                                                     f"{DEFAULT_LENGTH}), TRL's SFT default)"})
     packing: bool = field(default=True, metadata={"help": "pack examples into full rows (attention kept per example)"})
     overlong: str = field(default="split", metadata={"choices": list(OVERLONG),
                                                      "help": "examples longer than seq_len: split at turns, "
@@ -119,7 +112,7 @@ def main(cfg: Config) -> dict[str, Any]:
     cfg.validate()
     # NOTE: rows are padded to seq_len, so "the model's context" (8192 for SmolLM2) as the default row made
     # packed rows of 8192 tokens whose logits alone (x 49k vocabulary) took GBs per row: killed for memory.
-    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.seq_len, "--seq-len", DEFAULT_SEQ_LEN)
+    b = load_base(cfg.base, cfg.template, cfg.device, cfg.dtype, cfg.seq_len, "--seq-len", DEFAULT_LENGTH)
     device, dtype, rank, world = b.device, b.dtype, b.rank, b.world
     model, meta, base, tok, template, seq_len = b.model, b.meta, b.path, b.tokenizer, b.template, b.length
 

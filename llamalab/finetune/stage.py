@@ -83,6 +83,13 @@ class Base:
 
 
 DEFAULT_LENGTH = 1024  # TRL's max_length for SFT, DPO and reward models; rows/pairs longer are split or cut
+MICRO_TOKENS = 4096  # SFT tokens per forward pass by default: SmolLM2 LoRA at 8 x 1024 needs > 23 GB on CPU
+
+
+def default_micro(rows_per_process: int, seq_len: int) -> int:
+    """SFT rows per forward pass when ``--micro-batch-size`` is 0: as many ``seq_len`` rows as fit
+    :data:`MICRO_TOKENS` tokens, at least 1 and at most 8 (and the rows a process gets per step)."""
+    return max(1, min(rows_per_process, 8, MICRO_TOKENS // seq_len))
 
 
 def load_base(path: str, template: str, device: str, dtype: str, length: int = 0, length_flag: str = "",

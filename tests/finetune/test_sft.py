@@ -196,7 +196,8 @@ def test_optim_flags_are_pretrainings_with_sft_defaults(tmp_path):
 def test_default_rows_are_capped_at_1024_tokens(tmp_path, tiny_config, sft_tok):
     """A long-context base (SmolLM2: 8192) no longer packs rows of its whole context by default: those rows'
     logits (8 x 8192 x 49k) got the process killed for memory on a 24 GB machine."""
-    from llamalab.commands.sft import DEFAULT_SEQ_LEN, default_micro
+    from llamalab.finetune.stage import DEFAULT_LENGTH as DEFAULT_SEQ_LEN
+    from llamalab.finetune.stage import default_micro
     from llamalab.model import Transformer
     from llamalab.model.folder import save_model
 
