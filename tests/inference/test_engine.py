@@ -39,6 +39,23 @@ def test_runner_matches_transformer(n_kv, tie):
     torch.testing.assert_close(lg[0], ref, atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_decode_matches_eager():
+    """``compile=True`` traces the whole decode step as one graph (real-arithmetic rotation, no graph breaks) and
+    gives eager's logits for rows at different positions; the growing length does not recompile it."""
+    import torch._dynamo
+
+    model = small_model(2, n_kv_heads=2)
+    eager, comp = Runner(model, slots=2), Runner(model, slots=2, compile=True)
+    torch._dynamo.reset()
+    for r in (eager, comp):
+        r.prefill(0, list(range(5, 12)))
+        r.prefill(1, list(range(20, 23)))
+    for step in range(4):
+        toks = torch.tensor([30 + step, 40 + step])
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            torch.testing.assert_close(comp.decode(toks), eager.decode(toks), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=12, temperature=0),
     SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=7, logprobs=2),

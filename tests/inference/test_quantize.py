@@ -105,7 +105,7 @@ def test_file_blocks_are_used_as_they_are_and_dequantised_under_none():
     lin = make_linear(qw, "int8")  # a file's q4 blocks run as int4 under any quantised choice
     assert isinstance(lin, Int4Linear) and lin.kind == "q4"
     dense = make_linear(qw, "none")
-    assert isinstance(dense, DenseLinear) and torch.equal(dense.w, qw.dequantize())
+    assert isinstance(dense, DenseLinear) and torch.equal(dense.weight, qw.dequantize())
     assert QuantWeight.cat([qw, quantize_q8(_w())]) is None  # mixed kinds are not fused
     both = QuantWeight.cat([qw, qw])
     assert both.shape == (96, 96) and torch.equal(both.dequantize()[48:], qw.dequantize())
