@@ -17,7 +17,8 @@ runner keeps the same math with fewer, fused ops and no per-token rebuilding:
   GEMV reads that layout ~2.5x faster once a matrix leaves the caches).
 - Optional ``torch.compile`` of the decode step: one graph with dynamic shapes (the rotation in real arithmetic,
   no graph breaks), so the growing length does not recompile it. Measured on stories15M, batch 1, 1 thread:
-  +12% (int4) and +1% (fp32, where the matmuls are the time) after a ~25 s compile; hence off by default.
+  +12-14% (int4) and +1% (fp32, where the matmuls are the time) after a ~25 s compile (~65 s for SmolLM2-135M);
+  hence off by default.
 
 Correctness is pinned by tests against ``Transformer.forward`` (same logits to 1e-4) and against
 Hugging Face ``generate``. The model module itself is untouched.
@@ -112,7 +113,7 @@ class Runner:
         # compiled, the rotation is real arithmetic on a (S, D/2, 2) table: inductor cannot generate complex code
         self._decode_fc = torch.view_as_real(self.decode_freqs).contiguous() if compile else self.decode_freqs
         self._decode_core = self._decode_impl
-        if compile:  # one graph for every batch size and length (dynamic): the first decode compiles (~20-30 s)
+        if compile:  # one graph for every length (dynamic): the first decode compiles (25-65 s on 2 cores)
             self._decode_core = torch.compile(self._decode_impl, dynamic=True, fullgraph=True)
 
     # ------------------------------------------------------------------ blocks
