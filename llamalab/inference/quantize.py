@@ -120,16 +120,17 @@ def quantize_q4(w: torch.Tensor) -> QuantWeight:
 
 
 class DenseLinear:
-    """``x @ w.T`` with full-precision weights. On the CPU the weight is stored transposed, (K, N) contiguous.
+    """``x @ w.T`` with full-precision weights. On the CPU an fp32 weight is stored transposed, (K, N) contiguous.
 
     NOTE: MKL's fp32 GEMV reads a (K, N) weight at DRAM speed but the (N, K) one ``F.linear`` passes it at ~40% of
     that once the matrix leaves the caches (1 thread, AVX-512, ``bench/RESULTS.md``): the 32000 x 288 head of
     stories15M took 4.7 ms per decoded token as (N, K) and 1.8 ms as (K, N); decode at batch 1 went 1.35-1.7x
     faster, batch 8 unchanged. It costs a transposed copy of the matrices the runner does not fuse (wo, w2, head).
+    fp32 only: bf16 on the same CPU (oneDNN) went the other way (49152 x 576: 7.4 ms as (N, K), 10.3 ms as (K, N)).
     """
 
     def __init__(self, w: torch.Tensor) -> None:
-        self.transposed = w.device.type == "cpu"
+        self.transposed = w.device.type == "cpu" and w.dtype == torch.float32
         self.w = w.t().contiguous() if self.transposed else w.contiguous()
 
     @property

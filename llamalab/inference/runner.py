@@ -13,7 +13,7 @@ runner keeps the same math with fewer, fused ops and no per-token rebuilding:
 - Prefill returns the last position's logits only, unless all positions are asked for
   (prompt log-probabilities), which skips most of the large output matmul.
 - Optional int8/int4 weights (``quantize.py``; a GGUF file's q4_0/q4_1/q8_0 blocks are run as they are, from
-  ``model.quant_weights``); fp32/bf16 weights stored transposed on the CPU (``DenseLinear``: MKL's batch-1
+  ``model.quant_weights``); fp32 weights stored transposed on the CPU (``DenseLinear``: MKL's batch-1
   GEMV reads that layout ~2.5x faster once a matrix leaves the caches).
 - Optional ``torch.compile`` of the decode step: one graph with dynamic shapes (the rotation in real arithmetic,
   no graph breaks), so the growing length does not recompile it. Measured on stories15M, batch 1, 1 thread:

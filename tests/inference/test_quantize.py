@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
 from llamalab.inference.quantize import (
@@ -174,3 +175,16 @@ def test_head_top_logits_are_exact_for_its_quantised_rows(quantize, k):
     assert torch.equal(y.argmax(-1), exact.argmax(-1))
     assert (y - exact).abs().max() < 0.01 * exact.abs().max()  # the rest: bf16 rounding
     assert isinstance(make_head(w, "none"), DenseLinear)
+
+
+def test_dense_linear_layouts():
+    """fp32 on the CPU runs from a transposed (K, N) copy, bf16 from the (N, K) weight; both are x @ w.T."""
+    w = torch.randn(48, 32)
+    x = torch.randn(2, 3, 32)
+    lin = DenseLinear(w)
+    assert lin.transposed and lin.w.shape == (32, 48) and lin.w.is_contiguous()
+    assert torch.equal(lin.weight, w)
+    torch.testing.assert_close(lin(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    lb = DenseLinear(w.bfloat16())
+    assert not lb.transposed and lb.w.shape == (48, 32)
+    torch.testing.assert_close(lb(x.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
