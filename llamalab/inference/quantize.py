@@ -120,17 +120,29 @@ def quantize_q4(w: torch.Tensor) -> QuantWeight:
 
 
 class DenseLinear:
-    """``x @ w.T`` with full-precision weights. On the CPU an fp32 weight is stored transposed, (K, N) contiguous.
+    """``x @ w.T`` with full-precision weights; on the CPU, fp32 runs through the GEMM that was fastest per case.
 
-    NOTE: MKL's fp32 GEMV reads a (K, N) weight at DRAM speed but the (N, K) one ``F.linear`` passes it at ~40% of
-    that once the matrix leaves the caches (1 thread, AVX-512, ``bench/RESULTS.md``): the 32000 x 288 head of
-    stories15M took 4.7 ms per decoded token as (N, K) and 1.8 ms as (K, N); decode at batch 1 went 1.35-1.7x
-    faster, batch 8 unchanged. It costs a transposed copy of the matrices the runner does not fuse (wo, w2, head).
-    fp32 only: bf16 on the same CPU (oneDNN) went the other way (49152 x 576: 7.4 ms as (N, K), 10.3 ms as (K, N)).
+    Measured in the decode loop (``bench/RESULTS.md``, AVX-512 VM, stories15M / 110M / SmolLM2-135M):
+
+    - 1 thread, one row (batch-1 decode): MKL's GEMV on the weight stored transposed, (K, N) contiguous. It reads
+      that layout at DRAM speed and the (N, K) one ``F.linear`` hands it at ~40% of that (the 32000 x 288 head of
+      stories15M: 4.7 ms per token as (N, K), 1.8 ms as (K, N)); oneDNN was 0.65-0.9x of it here.
+    - several rows (batch-8 decode, prefill): oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, what
+      inductor emits for a CPU linear), +17-24% over MKL at 1 thread; MKL's small-M sgemm runs ~25-30 GFLOP/s.
+    - 2+ threads: oneDNN on the (N, K) weight for every row count. NOTE: MKL runs a one-row GEMV on one thread
+      whatever ``torch.set_num_threads`` says, oneDNN uses them all: batch-1 decode +35% (110M), +17% (SmolLM2),
+      batch 8 1.3-1.9x.
+
+    So the layout is fixed here from ``torch.get_num_threads()`` *when the weights are built* (set the threads
+    first, as the CLI and the benches do). bf16 and other devices keep ``F.linear`` on the (N, K) weight (bf16 on
+    this CPU was slower as (K, N): 49152 x 576, 7.4 vs 10.3 ms). Without oneDNN in the torch build, fp32 runs
+    MKL on (K, N) throughout.
     """
 
     def __init__(self, w: torch.Tensor) -> None:
-        self.transposed = w.device.type == "cpu" and w.dtype == torch.float32
+        fp32_cpu = w.device.type == "cpu" and w.dtype == torch.float32
+        self.onednn = fp32_cpu and torch.backends.mkldnn.is_available()
+        self.transposed = fp32_cpu and not (self.onednn and torch.get_num_threads() > 1)
         self.w = w.t().contiguous() if self.transposed else w.contiguous()
 
     @property
@@ -139,7 +151,11 @@ class DenseLinear:
         return self.w.t() if self.transposed else self.w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x, self.w) if self.transposed else F.linear(x, self.w)
+        if self.transposed and (not self.onednn or x.numel() == x.shape[-1]):  # one row, or no oneDNN: MKL
+            return torch.matmul(x, self.w)
+        if self.onednn and not torch.compiler.is_compiling():  # NOTE: inductor lowers this op for frozen weights only
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)
 
 
 class Int8RowLinear:

@@ -178,13 +178,22 @@ def test_head_top_logits_are_exact_for_its_quantised_rows(quantize, k):
 
 
 def test_dense_linear_layouts():
-    """fp32 on the CPU runs from a transposed (K, N) copy, bf16 from the (N, K) weight; both are x @ w.T."""
+    """fp32 on the CPU: at 1 thread a transposed (K, N) copy (MKL for one row, oneDNN for several), at 2 threads the
+    (N, K) weight through oneDNN; bf16 keeps F.linear. Every path computes x @ w.T, for one row and several."""
     w = torch.randn(48, 32)
-    x = torch.randn(2, 3, 32)
-    lin = DenseLinear(w)
-    assert lin.transposed and lin.w.shape == (32, 48) and lin.w.is_contiguous()
-    assert torch.equal(lin.weight, w)
-    torch.testing.assert_close(lin(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    x1, xs = torch.randn(1, 1, 32), torch.randn(2, 3, 32)
+    before = torch.get_num_threads()
+    try:
+        for threads, transposed in ((1, True), (2, not torch.backends.mkldnn.is_available())):
+            torch.set_num_threads(threads)
+            lin = DenseLinear(w)
+            assert lin.transposed == transposed and lin.w.is_contiguous()
+            assert lin.w.shape == ((32, 48) if transposed else (48, 32))
+            assert torch.equal(lin.weight, w)
+            for x in (x1, xs):
+                torch.testing.assert_close(lin(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(before)
     lb = DenseLinear(w.bfloat16())
     assert not lb.transposed and lb.w.shape == (48, 32)
-    torch.testing.assert_close(lb(x.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    torch.testing.assert_close(lb(xs.bfloat16()), F.linear(xs.bfloat16(), w.bfloat16()))
