@@ -13,8 +13,8 @@ runner keeps the same math with fewer, fused ops and no per-token rebuilding:
 - Prefill returns the last position's logits only, unless all positions are asked for
   (prompt log-probabilities), which skips most of the large output matmul.
 - Optional int8/int4 weights (``quantize.py``; a GGUF file's q4_0/q4_1/q8_0 blocks are run as they are, from
-  ``model.quant_weights``); fp32 weights stored transposed on the CPU (``DenseLinear``: MKL's batch-1
-  GEMV reads that layout ~2.5x faster once a matrix leaves the caches).
+  ``model.quant_weights``); fp32 weights on the CPU laid out for the faster GEMM per case (``DenseLinear``:
+  MKL on a transposed copy for one row at 1 thread, oneDNN for several rows or 2+ threads).
 - Optional ``torch.compile`` of the decode step: one graph with dynamic shapes (the rotation in real arithmetic,
   no graph breaks), so the growing length does not recompile it. Measured on stories15M, batch 1, 1 thread:
   +12-14% (int4) and +1% (fp32, where the matmuls are the time) after a ~25 s compile (~65 s for SmolLM2-135M);
