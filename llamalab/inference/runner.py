@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
 from llamalab.inference.quantize import Linear, QuantWeight, make_head, make_linear
-from llamalab.model.layers import dynamic_decode_freqs_cis, dynamic_seq_len, precompute_freqs_cis
+from llamalab.model.layers import dynamic_decode_freqs_cis, dynamic_seq_len, precompute_freqs_cis, rotate_pairs
 from llamalab.model.transformer import Transformer
 
 
@@ -124,13 +124,11 @@ class Runner:
         H, Hk, D = self.n_heads, self.n_kv, self.head_dim
         x = F.rms_norm(h, (h.shape[-1],), layer.attn_norm, self.eps)
         qkv = layer.wqkv(x).view(B, T, H + 2 * Hk, D)
-        pairs = qkv[:, :, : H + Hk].float().reshape(B, T, H + Hk, D // 2, 2)
         if fc.is_complex():
-            qk = torch.view_as_real(torch.view_as_complex(pairs) * fc)
+            pairs = qkv[:, :, : H + Hk].float().reshape(B, T, H + Hk, D // 2, 2)
+            qk = torch.view_as_real(torch.view_as_complex(pairs) * fc).flatten(3).to(h.dtype)
         else:  # (cos, sin) in real arithmetic: inductor fuses it (it cannot generate code for complex)
-            c, s, x0, x1 = fc[..., 0], fc[..., 1], pairs[..., 0], pairs[..., 1]
-            qk = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1)
-        qk = qk.flatten(3).to(h.dtype)
+            qk = rotate_pairs(qkv[:, :, : H + Hk], fc[..., 0], fc[..., 1])
         q = qk[:, :, :H].transpose(1, 2)
         k, v = write(li, qk[:, :, H:], qkv[:, :, H + Hk:])
         o = attend(q, k, v).transpose(1, 2).reshape(B, T, H * D)

@@ -237,10 +237,12 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
         cos, sin = freqs_cis[..., 0], freqs_cis[..., 1]
     shape = (1, xq.shape[1], 1, xq.shape[-1] // 2)
     cos, sin = cos.reshape(shape), sin.reshape(shape)  # (1, T, 1, D/2)
-    return _rotate(xq, cos, sin), _rotate(xk, cos, sin)
+    return rotate_pairs(xq, cos, sin), rotate_pairs(xk, cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D) with each adjacent pair (x[2j], x[2j+1]) rotated by (cos, sin), broadcastable to
+    (B, T, H, D/2), in fp32 real arithmetic; returned in x's dtype."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
