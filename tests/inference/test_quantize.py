@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
+from llamalab.inference import kernels
 from llamalab.inference.quantize import (
     QUANT_CHOICES,
+    BlockLinear,
     DenseLinear,
     ExactTop,
     Int4Linear,
@@ -30,9 +32,57 @@ def _w(n: int = 48, k: int = 96, seed: int = 0) -> torch.Tensor:
     return w
 
 
+BLOCKS = (BlockLinear, Int4Linear)  # the two implementations of 32-block weights
+needs_kernel = pytest.mark.skipif(kernels.load() is None, reason=f"native kernel not built: {kernels.why_not()}")
+
+
 def _ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The kernels' arithmetic done in fp32: bf16 inputs, fp32 sums, the result rounded to bf16."""
+    """PyTorch's kernels' arithmetic done in fp32: bf16 inputs, fp32 sums, the result rounded to bf16."""
     return (x.bfloat16().float() @ w.t()).bfloat16().float()
+
+
+def _close_to_exact(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """The native kernel against float64 arithmetic: its activations (two int8 planes per 32-block, ~16 bits) err
+    by ~1e-5 of the output scale; bf16 activations, as PyTorch's kernels take, would err by ~4e-3."""
+    exact = x.double() @ w.double().t()
+    err = ((y.double() - exact).norm() / exact.norm()).item()
+    assert err < 1e-4, err
+
+
+def test_the_native_kernel_builds_here_or_says_why():
+    """CI's machines are x86-64 with a C compiler: the kernel must build there, not silently fall back."""
+    import platform
+    import shutil
+
+    if platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") and "avx2" in kernels._cpu_flags():
+        assert kernels.load() is not None, kernels.why_not()
+        assert kernels.isa() in kernels.ISA.values()
+    else:
+        assert kernels.load() is not None or kernels.why_not()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_kernel_is_the_blockwise_product(kind, threads):
+    """Every row count the kernel unrolls (1-4 and a remainder), a block of zeros and one of outliers: the product
+    equals float64 arithmetic on the dequantised weights to ~1e-5."""
+    w = _w(40, 96)
+    qw = quantize_q8(w) if kind == "q8" else quantize_q4(w)
+    lin, deq = BlockLinear(qw), qw.dequantize()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for m in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(m, 96)
+            x[0, 32:64] = 0.0  # a block of zeros (scale 0)
+            x[-1, 64] = 50.0  # an outlier: its block's other values sit in the low plane
+            _close_to_exact(lin(x), x, deq)
+    finally:
+        torch.set_num_threads(before)
+    x = torch.randn(1, 96)
+    x[0, 70] = float("nan")
+    assert torch.isnan(lin(x)).all()  # a NaN activation is not quantised away
 
 
 def test_q8_blocks_round_to_nearest_and_match_the_gguf_quantiser():
@@ -66,45 +116,80 @@ def test_q4_blocks_span_each_block():
     assert (d.amin(-1) - blocks.amin(-1)).abs().max() < 0.05 * (blocks.amax(-1) - blocks.amin(-1)).max()
 
 
-@pytest.mark.parametrize("quantize,cls", [("int8", Int4Linear), ("int8-wo", Int8RowLinear), ("int4", Int4Linear)])
-@pytest.mark.parametrize("n", [48, 40])  # 40: rows padded to the kernel's multiple of 16
+@needs_kernel
+def test_the_avx2_build_computes_the_same(tmp_path, monkeypatch):
+    """The AVX2 + FMA path (no VNNI: maddubs + madd) is what AVX2-only CPUs run: build it here and compare."""
+    monkeypatch.setenv("LLAMALAB_CACHE", str(tmp_path))
+    try:
+        lib = kernels.open_library(kernels.build("haswell"))
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"no haswell build here: {e}")
+    assert kernels.ISA[lib.qdot_isa()] == "AVX2"
+    assert list(tmp_path.glob("kernels/qdot-*.so"))  # built into the cache named by LLAMALAB_CACHE
+    for qw in (quantize_q8(_w(40, 96)), quantize_q4(_w(40, 96))):
+        lin = BlockLinear(qw)
+        x = torch.randn(5, 96)
+        y = kernels.qgemm(x, lin.q, lin.s, lin.c, lib=lib)
+        _close_to_exact(y, x, qw.dequantize())
+        torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantize,cls", [("int8", BlockLinear), ("int8", Int4Linear), ("int8-wo", Int8RowLinear),
+                                         ("int4", BlockLinear), ("int4", Int4Linear)])
+@pytest.mark.parametrize("n", [48, 40])  # 40: rows padded to the int4 kernel's multiple of 16
 def test_linears_equal_their_dequantised_weights(quantize, cls, n):
     w = _w(n)
-    lin = make_linear(w, quantize)
-    assert isinstance(lin, cls)
     if quantize == "int8-wo":
+        lin = make_linear(w, quantize)
+        assert isinstance(lin, cls)
         deq = lin.wq.float() * lin.scales.float()[:, None]
     else:
-        deq = (quantize_q8(w) if quantize == "int8" else quantize_q4(w)).dequantize()
+        qw = quantize_q8(w) if quantize == "int8" else quantize_q4(w)
+        if cls is BlockLinear and kernels.load() is None:
+            pytest.skip(f"native kernel not built: {kernels.why_not()}")
+        picked = make_linear(w, quantize)  # the native kernel where it builds, else PyTorch's
+        assert isinstance(picked, BlockLinear if kernels.load() is not None else Int4Linear)
+        lin, deq = cls(qw), qw.dequantize()
         assert lin.kind == {"int8": "q8", "int4": "q4"}[quantize]
     x = torch.randn(2, 5, 96)
     y = lin(x)
     assert y.shape == (2, 5, n) and y.dtype == torch.float32
-    want = _ref(x, deq)
-    torch.testing.assert_close(y, want, atol=2e-3 * want.abs().max().item(), rtol=1e-2)
+    if cls is BlockLinear:
+        _close_to_exact(y, x, deq)
+    else:
+        want = _ref(x, deq)
+        torch.testing.assert_close(y, want, atol=2e-3 * want.abs().max().item(), rtol=1e-2)
     # and close to the unquantised product: int8 within 1%, int4 within 10% of the output scale
     full = x @ w.t()
     rel = ((y - full).norm() / full.norm()).item()
     assert rel < {"int8": 0.01, "int8-wo": 0.02, "int4": 0.1}[quantize], rel
 
 
-def test_q8_weights_run_exactly_as_two_nibble_halves():
-    """-128 and 127 (the ends of int8) survive the hi/lo split: the product equals the dequantised one."""
+@pytest.mark.parametrize("cls", BLOCKS)
+def test_q8_ends_of_int8_run_exactly(cls):
+    """-128 and 127 (the ends of int8; a file's q8_0 may hold -128) survive the int4 kernel's hi/lo split and the
+    native kernel's sign trick (|w| as unsigned, x taking w's sign): the product equals the dequantised one."""
+    if cls is BlockLinear and kernels.load() is None:
+        pytest.skip(f"native kernel not built: {kernels.why_not()}")
     q = torch.randint(-128, 128, (32, 64), dtype=torch.int8)
     q[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)
     scale = torch.full((32, 2), 2.0 ** -6)
-    qw = QuantWeight("q8", q, scale)
+    lin = cls(QuantWeight("q8", q, scale))
     x = torch.zeros(1, 64)
     for j in range(4):
         x.zero_()
         x[0, j] = 1.0
-        assert make_linear(qw, "int8")(x)[0, 0].item() == q[0, j].item() * 2.0 ** -6
+        assert lin(x)[0, 0].item() == pytest.approx(q[0, j].item() * 2.0 ** -6, rel=1e-6, abs=0)
+    x = torch.full((1, 64), -1.0)  # a whole row at the ends: integer sums of +-128 x 127 must not saturate
+    want = (q.float() * 2.0 ** -6).sum(1).neg()
+    tol = 1e-5 if cls is BlockLinear else 2 ** -8  # PyTorch's kernel returns bf16
+    torch.testing.assert_close(lin(x)[0], want, rtol=tol, atol=tol)
 
 
 def test_file_blocks_are_used_as_they_are_and_dequantised_under_none():
     qw = quantize_q4(_w())
     lin = make_linear(qw, "int8")  # a file's q4 blocks run as int4 under any quantised choice
-    assert isinstance(lin, Int4Linear) and lin.kind == "q4"
+    assert isinstance(lin, BLOCKS) and lin.kind == "q4"
     dense = make_linear(qw, "none")
     assert isinstance(dense, DenseLinear) and torch.equal(dense.weight, qw.dequantize())
     assert QuantWeight.cat([qw, quantize_q8(_w())]) is None  # mixed kinds are not fused
@@ -147,8 +232,8 @@ def test_runner_quantised_close_to_fp32(quantize):
     ref = Runner(model, slots=1).prefill(0, ids, all_logits=True)
     r = Runner(model, slots=1, quantize=quantize)
     assert isinstance(r.output, ExactTop)
-    assert isinstance(r.output.lin, Int4Linear) and r.output.lin.kind == "q8"  # the head: int8 blocks always
-    assert isinstance(r.layers[0].wqkv, Int8RowLinear if quantize == "int8-wo" else Int4Linear)
+    assert isinstance(r.output.lin, BLOCKS) and r.output.lin.kind == "q8"  # the head: int8 blocks always
+    assert isinstance(r.layers[0].wqkv, Int8RowLinear if quantize == "int8-wo" else BLOCKS)
     if quantize == "int4":
         assert r.layers[0].wqkv.kind == "q4"
     got = r.prefill(0, ids, all_logits=True)

@@ -1,0 +1,171 @@
+// Quantised GEMM for CPU decoding: y[m, n] = sum_k x[m, k] w[n, k] with w in 32-value blocks (llama.cpp's q8_0
+// and q4_0/q4_1 layouts), built by llamalab/inference/kernels.py with the host's compiler (-march=native).
+//
+// The activations are quantised per 32-block into two int8 planes (x = d * (hi + lo / 254), see quantize_rows), so
+// a block's dot product is two integer instruction sequences (AVX-512 VNNI / AVX-VNNI vpdpbusd, else AVX2
+// maddubs + madd) and two fp32 FMAs with the product of the two scales. q4 weights carry a per-block offset c,
+// whose term c * sum(x) uses the sum of the quantised x (as llama.cpp's q8_1 does).
+//
+// Threads: OpenMP over output rows, with the count the caller passes (torch.get_num_threads()); the library links
+// libgomp.so.1, the same soname torch loads, so both share one thread pool.
+#include <stdint.h>
+
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+
+int qdot_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return 3;  // AVX-512 VNNI
+#elif defined(__AVXVNNI__)
+  return 2;  // AVX-VNNI
+#else
+  return 1;  // AVX2
+#endif
+}
+
+// x per 32-block as d * (hi + lo / 254): hi = round(x / d) with d = max|x| / 127, lo the rounded remainder in
+// 1/254ths; both int8, so each block's dot product is two integer ones. The error is ~max|x| / 65000 per block,
+// finer than bf16's 8-bit mantissa (one int8 plane alone cost SmolLM2 1.5 points of top-1 agreement).
+static void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xh, int8_t* xl, float* sx, float* sumx) {
+  const int64_t nb = K / 32;
+  for (int64_t i = 0; i < M * nb; i++) {
+    const float* xb = x + i * 32;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < 32; j++) { float a = fabsf(xb[j]); amax = a > amax ? a : amax; sum += xb[j]; }
+    float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    if (!isfinite(sum)) { d = NAN; id = 0.f; }  // NaN or inf in the block: the outputs it feeds become NaN
+    int32_t hsum_ = 0, lsum = 0;
+    for (int j = 0; j < 32; j++) {
+      const float v = xb[j] * id, h = rintf(v);
+      const int8_t hi = (int8_t)h, lo = (int8_t)lrintf((v - h) * 254.f);
+      xh[i * 32 + j] = hi;
+      xl[i * 32 + j] = lo;
+      hsum_ += hi;
+      lsum += lo;
+    }
+    sx[i] = d;
+    // NOTE: the sum of the quantised x, not of x: q4's offset term then sees the same x as its nibble term
+    sumx[i] = d * ((float)hsum_ + (float)lsum * (1.f / 254.f));
+  }
+}
+
+// int32 lanes holding partial sums of a (unsigned) * b (signed) over 32 bytes
+static inline __m256i dot_us(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+
+// One weight row against MM activation rows (MM a compile-time constant so the accumulators stay in registers);
+// two accumulators per row (even and odd blocks) so consecutive FMAs do not wait on each other.
+#define ALWAYS static inline __attribute__((always_inline))
+
+ALWAYS void q8_row(const int8_t* qr, const float* sr, const int8_t* xh, const int8_t* xl, const float* sx,
+                   int64_t nb, int MM, float* out) {
+  __m256 a0[4], a1[4];  // the hi and lo planes' sums
+  for (int i = 0; i < MM; i++) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); }
+  for (int64_t b = 0; b < nb; b++) {
+    const __m256i w = _mm256_loadu_si256((const __m256i*)(qr + b * 32));
+    const __m256i aw = _mm256_sign_epi8(w, w);  // |w|, and x takes w's sign: a u8 x s8 product
+    for (int i = 0; i < MM; i++) {
+      const int64_t r = i * nb + b;
+      const __m256i h = _mm256_loadu_si256((const __m256i*)(xh + r * 32));
+      const __m256i l = _mm256_loadu_si256((const __m256i*)(xl + r * 32));
+      const __m256 sc = _mm256_set1_ps(sr[b] * sx[r]);
+      a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(aw, _mm256_sign_epi8(h, w))), sc, a0[i]);
+      a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(aw, _mm256_sign_epi8(l, w))), sc, a1[i]);
+    }
+  }
+  for (int i = 0; i < MM; i++) out[i] = hsum(a0[i]) + hsum(a1[i]) * (1.f / 254.f);
+}
+
+ALWAYS void q4_row(const uint8_t* qr, const float* sr, const float* cr, const int8_t* xh, const int8_t* xl,
+                   const float* sx, const float* sumx, int64_t nb, int MM, float* out) {
+  const __m128i lo4 = _mm_set1_epi8(15);
+  __m256 a0[4], a1[4];
+  float off[4];
+  for (int i = 0; i < MM; i++) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); off[i] = 0.f; }
+  for (int64_t b = 0; b < nb; b++) {
+    const __m128i p = _mm_loadu_si128((const __m128i*)(qr + b * 16));
+    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), lo4), _mm_and_si128(p, lo4));
+    for (int i = 0; i < MM; i++) {
+      const int64_t r = i * nb + b;
+      const __m256 sc = _mm256_set1_ps(sr[b] * sx[r]);
+      a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(w, _mm256_loadu_si256((const __m256i*)(xh + r * 32)))), sc, a0[i]);
+      a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(w, _mm256_loadu_si256((const __m256i*)(xl + r * 32)))), sc, a1[i]);
+      off[i] += cr[b] * sumx[r];
+    }
+  }
+  for (int i = 0; i < MM; i++) out[i] = hsum(a0[i]) + hsum(a1[i]) * (1.f / 254.f) + off[i];
+}
+
+#define DISPATCH(MMV, CALL) switch (MMV) { case 1: CALL(1); break; case 2: CALL(2); break; \
+                                           case 3: CALL(3); break; default: CALL(4); }
+
+// weights q8: int8 (N, K), scales (N, K/32). xq, sx, sumx: scratch of M*K bytes and M*K/32 floats each.
+static void q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, float* y, int64_t N,
+             int8_t* xq, float* sx, float* sumx, int threads) {
+  const int64_t nb = K / 32;
+  int8_t* xl = xq + M * K;
+  quantize_rows(x, M, K, xq, xl, sx, sumx);
+  #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t n = 0; n < N; n++) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
+      float out[4];
+#define Q8(MMC) q8_row(q + n * K, s + n * nb, xq + m0 * K, xl + m0 * K, sx + m0 * nb, nb, MMC, out)
+      DISPATCH(mm, Q8)
+      for (int i = 0; i < mm; i++) y[(m0 + i) * N + n] = out[i];
+    }
+  }
+}
+
+// weights q4: 16 bytes per block (element j in the low nibble of byte j, j + 16 in its high nibble), value
+// q * s + c with q in 0..15.
+static void q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* s, const float* c, float* y,
+             int64_t N, int8_t* xq, float* sx, float* sumx, int threads) {
+  const int64_t nb = K / 32;
+  int8_t* xl = xq + M * K;
+  quantize_rows(x, M, K, xq, xl, sx, sumx);
+  #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t n = 0; n < N; n++) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
+      float out[4];
+#define Q4(MMC) q4_row(q + n * K / 2, s + n * nb, c + n * nb, xq + m0 * K, xl + m0 * K, sx + m0 * nb, sumx + m0 * nb, nb, MMC, out)
+      DISPATCH(mm, Q4)
+      for (int i = 0; i < mm; i++) y[(m0 + i) * N + n] = out[i];
+    }
+  }
+}
+
+// The entry point: q8 weights when c is NULL, else q4. Returns 0, or -1 when scratch memory is not available.
+int qgemm(const float* x, int64_t M, int64_t K, const void* q, const float* s, const float* c, float* y,
+          int64_t N, int threads) {
+  int8_t* xq = (int8_t*)malloc((size_t)(2 * M * K + 2 * M * (K / 32) * (int64_t)sizeof(float)));
+  if (!xq) return -1;
+  float* sx = (float*)(xq + 2 * M * K);  // M * K is a multiple of 32, so this stays aligned for floats
+  float* sumx = sx + M * (K / 32);
+  if (c) q4_gemm(x, M, K, (const uint8_t*)q, s, c, y, N, xq, sx, sumx, threads);
+  else q8_gemm(x, M, K, (const int8_t*)q, s, y, N, xq, sx, sumx, threads);
+  free(xq);
+  return 0;
+}
+
+#else
+int qdot_isa(void) { return 0; }  // no AVX2 + FMA: llamalab keeps PyTorch's kernels
+#endif
