@@ -3,7 +3,8 @@
     python bench/decode_profile.py [--model PATH.gguf] [--threads 1] [--tokens 64] [--quantize none,int8,int4]
 
 Runs greedy decoding of ``--tokens`` tokens (after a 16-token prompt and a warm-up) under ``torch.profiler`` and
-splits the wall time per token into: weight matmuls (dense ``mm``/``linear`` or the int4/int8 kernels),
+splits the wall time per token into: weight matmuls (dense ``mm``/``linear``, PyTorch's int4/int8 kernels or
+llamalab's native one, named ``llamalab::qgemm`` while profiling),
 attention (SDPA), norms, casts and copies (bf16 in/out of the quantised kernels, KV-cache writes), sampling
 (top-k, argmax, softmax), other aten ops, and what no aten op accounts for: Python, dispatch and the profiler's
 own cost (the profiled run is slower than an unprofiled one, printed beside it). Default model: SmolLM2-135M's
@@ -13,6 +14,7 @@ GGUF (see bench/generate.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -26,7 +28,7 @@ from generate import smollm2_path  # noqa: E402
 
 KINDS = [
     ("weight matmuls", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "_weight_int4pack_mm",
-                        "_weight_int8pack_mm", "aten::bmm", "aten::einsum")),
+                        "_weight_int8pack_mm", "aten::bmm", "aten::einsum", "llamalab::qgemm")),
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("norms", ("rms_norm",)),
     ("casts + copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::index_put",
@@ -40,6 +42,24 @@ def kind_of(name: str) -> str:
         if any(k in name for k in keys):
             return kind
     return "other aten ops"
+
+
+@contextlib.contextmanager
+def _traced_native_kernel():
+    """The native quantised kernel is a ctypes call, invisible to the profiler: name it while profiling."""
+    from llamalab.inference import kernels
+
+    plain = kernels.qgemm
+
+    def traced(*args, **kwargs):
+        with torch.profiler.record_function("llamalab::qgemm"):
+            return plain(*args, **kwargs)
+
+    kernels.qgemm = traced
+    try:
+        yield
+    finally:
+        kernels.qgemm = plain
 
 
 def main() -> None:
@@ -69,7 +89,7 @@ def main() -> None:
         t0 = time.perf_counter()
         eng.generate([prompt], p)
         rate = args.tokens / (time.perf_counter() - t0)
-        with profile() as prof:
+        with profile() as prof, _traced_native_kernel():
             t0 = time.perf_counter()
             eng.generate([prompt], p)
             wall = time.perf_counter() - t0

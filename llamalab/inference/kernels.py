@@ -95,8 +95,9 @@ def open_library(path: Path) -> ctypes.CDLL:
 
 
 def _bind(lib: ctypes.CDLL) -> None:
-    ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.qgemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, cint]  # x, M, K, q, s, c, y, N, threads
+    ptr, i64, cint, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    # x, M, K, q, s, c, y, N, threads, norm weight, eps, swiglu, residual
+    lib.qgemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, cint, ptr, f32, cint, ptr]
     lib.qgemm.restype = cint
 
 
@@ -136,15 +137,21 @@ def isa() -> str:
 
 
 def qgemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, c: torch.Tensor | None,
-          lib: ctypes.CDLL | None = None) -> torch.Tensor:
+          lib: ctypes.CDLL | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+          swiglu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ w.T`` for x (M, K) fp32 contiguous and w in 32-blocks: ``q`` (N, K) int8 with ``s`` (N, K/32) (q8),
-    or ``q`` (N, K/2) packed nibbles with ``s`` and offsets ``c`` (q4, value ``nibble * s + c``). ``lib``: another
-    build than the loaded one (tests)."""
-    m, k = x.shape
-    n = q.shape[0]
+    or ``q`` (N, K/2) packed nibbles with ``s`` and offsets ``c`` (q4, value ``nibble * s + c``). Fused in,
+    each optional: ``norm`` (K,) RMSNorm x's rows first; ``swiglu``: x is (M, 2K) ``[gate | up]`` and the input
+    ``silu(gate) * up``; ``residual`` (M, N) fp32 contiguous added to the result. ``lib``: another build than the
+    loaded one (tests)."""
+    m = x.shape[0]
+    n, k = q.shape[0], s.shape[1] * 32
+    if x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(f"qgemm: x has {x.shape[1]} columns for a {n} x {k} weight (swiglu={swiglu})")
     y = torch.empty(m, n, dtype=torch.float32)
     if (lib or _lib).qgemm(x.data_ptr(), m, k, q.data_ptr(), s.data_ptr(), None if c is None else c.data_ptr(),
-                  y.data_ptr(), n, torch.get_num_threads()):
+                           y.data_ptr(), n, torch.get_num_threads(), None if norm is None else norm.data_ptr(),
+                           eps, swiglu, None if residual is None else residual.data_ptr()):
         raise MemoryError(f"qgemm: no memory for the {m} x {k} quantised activations")
     return y
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
-from llamalab.inference.quantize import Linear, QuantWeight, make_head, make_linear
+from llamalab.inference.quantize import BlockLinear, Linear, QuantWeight, make_head, make_linear
 from llamalab.model.layers import dynamic_decode_freqs_cis, dynamic_seq_len, precompute_freqs_cis, rotate_pairs
 from llamalab.model.transformer import Transformer
 
@@ -112,6 +112,15 @@ class Runner:
         self._gqa = bool(self.n_kv != self.n_heads)  # NOTE: plain bool; under dynamic=True, a SymBool
         # compiled, the rotation is real arithmetic on a (S, D/2, 2) table: inductor cannot generate complex code
         self._decode_fc = torch.view_as_real(self.decode_freqs).contiguous() if compile else self.decode_freqs
+        # NOTE: with the native kernel on every matrix, eager steps fuse each norm, the SwiGLU product and the
+        # residual adds into the matmul calls (BlockLinear.fused); a compiled step keeps them as ops (inductor
+        # fuses those itself, and cannot trace a ctypes call)
+        self._fuse = (not compile and self.dtype == torch.float32
+                      and all(isinstance(lin, BlockLinear) for lay in self.layers
+                              for lin in (lay.wqkv, lay.wo, lay.w13, lay.w2)))
+        if self._fuse:
+            for lay in self.layers:
+                lay.attn_norm, lay.ffn_norm = lay.attn_norm.float().contiguous(), lay.ffn_norm.float().contiguous()
         self._decode_core = self._decode_impl
         if compile:  # one graph for every length (dynamic): the first decode compiles (25-65 s on 2 cores)
             self._decode_core = torch.compile(self._decode_impl, dynamic=True, fullgraph=True)
@@ -122,8 +131,10 @@ class Runner:
                   write, attend) -> torch.Tensor:
         B, T, _ = h.shape
         H, Hk, D = self.n_heads, self.n_kv, self.head_dim
-        x = F.rms_norm(h, (h.shape[-1],), layer.attn_norm, self.eps)
-        qkv = layer.wqkv(x).view(B, T, H + 2 * Hk, D)
+        if self._fuse:
+            qkv = layer.wqkv.fused(h, norm=layer.attn_norm, eps=self.eps).view(B, T, H + 2 * Hk, D)
+        else:
+            qkv = layer.wqkv(F.rms_norm(h, (h.shape[-1],), layer.attn_norm, self.eps)).view(B, T, H + 2 * Hk, D)
         if fc.is_complex():
             pairs = qkv[:, :, : H + Hk].float().reshape(B, T, H + Hk, D // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(pairs) * fc).flatten(3).to(h.dtype)
@@ -132,6 +143,10 @@ class Runner:
         q = qk[:, :, :H].transpose(1, 2)
         k, v = write(li, qk[:, :, H:], qkv[:, :, H + Hk:])
         o = attend(q, k, v).transpose(1, 2).reshape(B, T, H * D)
+        if self._fuse:
+            h = layer.wo.fused(o, residual=h)
+            gu = layer.w13.fused(h, norm=layer.ffn_norm, eps=self.eps)
+            return layer.w2.fused(gu, swiglu=True, residual=h)
         h = h + layer.wo(o)
         x = F.rms_norm(h, (h.shape[-1],), layer.ffn_norm, self.eps)
         gu = layer.w13(x)

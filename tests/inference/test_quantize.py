@@ -282,3 +282,29 @@ def test_dense_linear_layouts():
     lb = DenseLinear(w.bfloat16())
     assert not lb.transposed and lb.w.shape == (48, 32)
     torch.testing.assert_close(lb(xs.bfloat16()), F.linear(xs.bfloat16(), w.bfloat16()))
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_runner_fuses_norms_swiglu_and_residuals_into_the_native_kernel(quantize):
+    """With the native kernel on every matrix, the eager step calls BlockLinear.fused (norm, SwiGLU and residual
+    inside the kernel call): the logits equal the unfused step's, in prefill and decode, rows at different lengths."""
+    from llamalab.inference.runner import Runner
+    from llamalab.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    fused, plain = Runner(model, slots=2, quantize=quantize), Runner(model, slots=2, quantize=quantize)
+    assert fused._fuse and isinstance(fused.layers[0].w2, BlockLinear)
+    plain._fuse = False
+    ids = list(range(5, 37))
+    for r in (fused, plain):
+        r.prefill(1, ids[:7])
+    a, b = fused.prefill(0, ids, all_logits=True), plain.prefill(0, ids, all_logits=True)
+    torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+    for step in range(3):
+        t = torch.tensor([40 + step, 50 + step])
+        b = plain.decode(t)
+        torch.testing.assert_close(fused.decode(t), b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
+    assert not Runner(model, slots=1, quantize=quantize, compile=True)._fuse  # a compiled step keeps the ops

@@ -113,6 +113,14 @@ ALWAYS void q4_row(const uint8_t* qr, const float* sr, const float* cr, const in
   for (int i = 0; i < MM; i++) out[i] = hsum(a0[i]) + hsum(a1[i]) * (1.f / 254.f) + off[i];
 }
 
+// NOTE: one thread streams weights from DRAM at ~10 GB/s on the hardware prefetcher alone; asking for the row 8
+// ahead too made SmolLM2-135M's whole decode 11-14% faster at 1 thread, 6-11% at 2 (4 rows: +11%, 32: +7%).
+#define AHEAD 8
+
+ALWAYS void prefetch_row(const char* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
 #define DISPATCH(MMV, CALL) switch (MMV) { case 1: CALL(1); break; case 2: CALL(2); break; \
                                            case 3: CALL(3); break; default: CALL(4); }
 
@@ -124,6 +132,7 @@ static void q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const
   quantize_rows(x, M, K, xq, xl, sx, sumx);
   #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t n = 0; n < N; n++) {
+    prefetch_row((const char*)(q + (n + AHEAD) * K), n + AHEAD < N ? K : 0);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
       float out[4];
@@ -143,6 +152,7 @@ static void q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, cons
   quantize_rows(x, M, K, xq, xl, sx, sumx);
   #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t n = 0; n < N; n++) {
+    prefetch_row((const char*)(q + (n + AHEAD) * K / 2), n + AHEAD < N ? K / 2 : 0);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
       float out[4];
@@ -153,15 +163,42 @@ static void q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, cons
   }
 }
 
-// The entry point: q8 weights when c is NULL, else q4. Returns 0, or -1 when scratch memory is not available.
+// The entry point: q8 weights when c is NULL, else q4. The decode step's neighbours of a matmul are fused in (each
+// optional): g: RMSNorm the rows of x first (weight g, epsilon eps); swiglu: x rows hold [gate | up] (2K values)
+// and the input is silu(gate) * up; res: add res (M, N) to the result (the residual stream).
+// Returns 0, or -1 when scratch memory is not available.
 int qgemm(const float* x, int64_t M, int64_t K, const void* q, const float* s, const float* c, float* y,
-          int64_t N, int threads) {
-  int8_t* xq = (int8_t*)malloc((size_t)(2 * M * K + 2 * M * (K / 32) * (int64_t)sizeof(float)));
+          int64_t N, int threads, const float* g, float eps, int swiglu, const float* res) {
+  const int64_t nb = K / 32;
+  const size_t planes = (size_t)(2 * M * K), scales = (size_t)(2 * M * nb) * sizeof(float);
+  const size_t pre = (g || swiglu) ? (size_t)(M * K) * sizeof(float) : 0;
+  int8_t* xq = (int8_t*)malloc(planes + scales + pre);
   if (!xq) return -1;
-  float* sx = (float*)(xq + 2 * M * K);  // M * K is a multiple of 32, so this stays aligned for floats
-  float* sumx = sx + M * (K / 32);
-  if (c) q4_gemm(x, M, K, (const uint8_t*)q, s, c, y, N, xq, sx, sumx, threads);
-  else q8_gemm(x, M, K, (const int8_t*)q, s, y, N, xq, sx, sumx, threads);
+  float* sx = (float*)(xq + planes);  // 2 M K is a multiple of 64, so this stays aligned for floats
+  float* sumx = sx + M * nb;
+  const float* xin = x;
+  if (pre) {
+    float* xf = sumx + M * nb;
+    for (int64_t m = 0; m < M; m++) {
+      const float* xr = x + m * (swiglu ? 2 * K : K);
+      float* o = xf + m * K;
+      if (swiglu)
+        for (int64_t k = 0; k < K; k++) o[k] = xr[k] / (1.f + expf(-xr[k])) * xr[K + k];
+      else
+        for (int64_t k = 0; k < K; k++) o[k] = xr[k];
+      if (g) {
+        float ss = 0.f;
+        for (int64_t k = 0; k < K; k++) ss += o[k] * o[k];
+        const float r = 1.f / sqrtf(ss / (float)K + eps);
+        for (int64_t k = 0; k < K; k++) o[k] = o[k] * r * g[k];
+      }
+    }
+    xin = xf;
+  }
+  if (c) q4_gemm(xin, M, K, (const uint8_t*)q, s, c, y, N, xq, sx, sumx, threads);
+  else q8_gemm(xin, M, K, (const int8_t*)q, s, y, N, xq, sx, sumx, threads);
+  if (res)
+    for (int64_t i = 0; i < M * N; i++) y[i] += res[i];
   free(xq);
   return 0;
 }
