@@ -19,8 +19,9 @@ Trade-offs, and what happens when it cannot be used:
 - The library is built with ``-march=native`` (``LLAMALAB_KERNEL_ARCH`` overrides it, e.g. ``haswell`` for the
   AVX2 path on a VNNI CPU) into ``$LLAMALAB_CACHE`` (default ``~/.cache/llamalab``) ``/kernels/``, named by a hash
   of the source, the compiler's version, the flags and this CPU's feature flags: a home directory shared with
-  another kind of CPU builds its own copy rather than running foreign instructions. The build takes ~1 s and is
-  written atomically (a temporary file, then a rename).
+  another kind of CPU builds its own copy rather than running foreign instructions. Where that folder cannot be
+  written (a read-only home) the temp folder holds it. The build takes ~1 s and is written atomically (a
+  temporary file, then a rename).
 - Threads: OpenMP over output rows with ``torch.get_num_threads()`` threads; the library links ``libgomp.so.1``,
   the soname torch loads, so both share one OpenMP runtime.
 - Eager calls go through ``ctypes`` (~5 us each); under ``torch.compile`` the kernel is the custom op
@@ -70,11 +71,19 @@ def build(arch: str = "native", cc: str | None = None) -> Path:
     flags = [*FLAGS, f"-march={arch}"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
-    out = cache_dir() / f"qdot-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    name = f"qdot-{key.hexdigest()[:16]}.so"
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"llamalab-kernels-{os.getuid()}"):
+        if (folder / name).exists():
+            return folder / name
+        try:  # NOTE: a read-only home (containers, CI) falls back to the temp folder
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError(f"no writable folder for the kernel ({cache_dir()} or the temp folder)")
+    out = folder / name
     os.close(fd)
     try:
         r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)

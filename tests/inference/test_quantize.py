@@ -134,6 +134,20 @@ def test_the_avx2_build_computes_the_same(tmp_path, monkeypatch):
         torch.testing.assert_close(y, lin(x), atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
+def test_the_kernel_builds_in_the_temp_folder_when_the_cache_is_not_writable(tmp_path, monkeypatch):
+    import tempfile
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LLAMALAB_CACHE", str(blocker))  # mkdir under a file fails, as a read-only home does
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = kernels.build("haswell")
+    assert path.parent.parent == tmp_path / "tmp" and path.exists()
+    assert kernels.build("haswell") == path  # cached: found again, not rebuilt
+
+
 @pytest.mark.parametrize("quantize,cls", [("int8", BlockLinear), ("int8", Int4Linear), ("int8-wo", Int8RowLinear),
                                          ("int4", BlockLinear), ("int4", Int4Linear)])
 @pytest.mark.parametrize("n", [48, 40])  # 40: rows padded to the int4 kernel's multiple of 16
