@@ -95,22 +95,29 @@ ALWAYS void q8_row(const int8_t* qr, const float* sr, const int8_t* xh, const in
 
 ALWAYS void q4_row(const uint8_t* qr, const float* sr, const float* cr, const int8_t* xh, const int8_t* xl,
                    const float* sx, const float* sumx, int64_t nb, int MM, float* out) {
-  const __m128i lo4 = _mm_set1_epi8(15);
+  const __m256i lo4 = _mm256_set1_epi8(15);
   __m256 a0[4], a1[4];
-  float off[4];
-  for (int i = 0; i < MM; i++) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); off[i] = 0.f; }
+  for (int i = 0; i < MM; i++) { a0[i] = _mm256_setzero_ps(); a1[i] = _mm256_setzero_ps(); }
   for (int64_t b = 0; b < nb; b++) {
     const __m128i p = _mm_loadu_si128((const __m128i*)(qr + b * 16));
-    const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), lo4), _mm_and_si128(p, lo4));
+    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(p, 4), p), lo4);
     for (int i = 0; i < MM; i++) {
       const int64_t r = i * nb + b;
       const __m256 sc = _mm256_set1_ps(sr[b] * sx[r]);
       a0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(w, _mm256_loadu_si256((const __m256i*)(xh + r * 32)))), sc, a0[i]);
       a1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(w, _mm256_loadu_si256((const __m256i*)(xl + r * 32)))), sc, a1[i]);
-      off[i] += cr[b] * sumx[r];
     }
   }
-  for (int i = 0; i < MM; i++) out[i] = hsum(a0[i]) + hsum(a1[i]) * (1.f / 254.f) + off[i];
+  // the offsets' term sum_b c[b] sum(x)[b], 8 blocks per FMA (a scalar running sum per block would be a serial chain)
+  for (int i = 0; i < MM; i++) {
+    const float* sxr = sumx + i * nb;
+    __m256 o = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) o = _mm256_fmadd_ps(_mm256_loadu_ps(cr + b), _mm256_loadu_ps(sxr + b), o);
+    float off = hsum(o);
+    for (; b < nb; b++) off += cr[b] * sxr[b];
+    out[i] = hsum(a0[i]) + hsum(a1[i]) * (1.f / 254.f) + off;
+  }
 }
 
 // NOTE: one thread streams weights from DRAM at ~10 GB/s on the hardware prefetcher alone; asking for the row 8
