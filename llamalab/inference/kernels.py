@@ -7,9 +7,11 @@ is 2-3x faster because it quantises the activations per 32-block to int8 and tak
 block (``x = d * (hi + lo / 254)``, ~16 bits): one plane, as llama.cpp does, cost SmolLM2-135M 1.5-2 points of top-1
 agreement (int8 0.971 -> 0.956 on the test's text); two planes compute the quantised model to ~1e-5, closer than
 the bf16 activations PyTorch's kernel takes (the file's own q4_1 blocks: 1.000 top-1 agreement with its fp32
-dequantisation, 0.982 through PyTorch's kernel), for ~15% less speed than one plane. Decode speed on SmolLM2-135M,
-batch 1, 1 thread, AVX-512 VM (``bench/quantize.py``, vs fp32 in the same run): ``int8`` 1.79x -> 2.41x,
-``int4`` 2.45x -> 2.69x.
+dequantisation, 0.982 through PyTorch's kernel), for ~15% less speed than one plane. From 4 activation rows on
+(batch decode, prefill) the kernel instead widens each weight block to fp32 once and multiplies every row exactly:
+the widening is shared, and at 8 rows it is 1.4-1.9x the integer path per matrix, level with PyTorch's kernel.
+Decode on SmolLM2-135M, batch 1, 1 thread, AVX-512 VM (``bench/quantize.py``, each vs fp32 in its own run):
+``int8`` 1.76x -> 3.13x fp32, ``int4`` 2.54x -> 3.24x; the AVX2 build (``-march=haswell``) 2.69x / 3.10x.
 
 Trade-offs, and what happens when it cannot be used:
 
@@ -155,8 +157,14 @@ def qgemm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, c: torch.Tensor | N
     loaded one (tests)."""
     m = x.shape[0]
     n, k = q.shape[0], s.shape[1] * 32
-    if x.shape[1] != (2 * k if swiglu else k):
-        raise ValueError(f"qgemm: x has {x.shape[1]} columns for a {n} x {k} weight (swiglu={swiglu})")
+    # NOTE: the C side trusts these pointers; the weights are checked when BlockLinear builds them, x here
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] != (2 * k if swiglu else k):
+        raise ValueError(f"qgemm: x must be fp32, contiguous, {2 * k if swiglu else k} columns wide for a {n} x {k} "
+                         f"weight (swiglu={swiglu}); got {x.dtype} {tuple(x.shape)}")
+    if residual is not None and (residual.shape != (m, n) or residual.dtype != torch.float32
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"qgemm: residual must be fp32 contiguous ({m}, {n}), got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
     y = torch.empty(m, n, dtype=torch.float32)
     if (lib or _lib).qgemm(x.data_ptr(), m, k, q.data_ptr(), s.data_ptr(), None if c is None else c.data_ptr(),
                            y.data_ptr(), n, torch.get_num_threads(), None if norm is None else norm.data_ptr(),

@@ -14,8 +14,9 @@ read per token (and, at 15M parameters, by per-op overhead). int8 weights read 4
   top-1 agreement.
 
 32-block weights (``int8``, ``int4``) run on llamalab's own kernel (:class:`BlockLinear`,
-:mod:`llamalab.inference.kernels`: integer dot products on activations held as two int8 planes per block, ~16
-bits), built with the host's C compiler on first use; where it cannot be built they run on PyTorch's int4 CPU GEMM
+:mod:`llamalab.inference.kernels`: for 1-3 rows, integer dot products on activations held as two int8 planes per
+block, ~16 bits; for 4+ rows, the weight blocks widened to fp32 once and exact fp32 products), built with the host's
+C compiler on first use; where it cannot be built they run on PyTorch's int4 CPU GEMM
 (:class:`Int4Linear`, ``_weight_int4pack_mm_for_cpu``, bf16 activations; q8 blocks split into two nibbles
 ``q = 16 hi + lo`` over twice the columns, exact). Activations between layers stay fp32 either way.
 
@@ -210,8 +211,9 @@ class Int4Linear:
 
 
 class BlockLinear:
-    """32-block weights (q8 or q4) run by the native kernel (:mod:`llamalab.inference.kernels`): fp32 in and out,
-    the activations quantised per 32-block to int8 inside the kernel as llama.cpp does. q4 nibbles are stored two
+    """32-block weights (q8 or q4) run by the native kernel (:mod:`llamalab.inference.kernels`): fp32 in and out;
+    for 1-3 rows the activations are held as two int8 planes per 32-block inside the kernel (~16 bits), for more
+    rows they stay fp32. q4 nibbles are stored two
     per byte (element j of a block in the low nibble of byte j, j + 16 in the high one), 4.5 bits per weight."""
 
     def __init__(self, qw: QuantWeight) -> None:

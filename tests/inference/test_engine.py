@@ -39,13 +39,30 @@ def test_runner_matches_transformer(n_kv, tie):
     torch.testing.assert_close(lg[0], ref, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_decode_matches_eager():
-    """``compile=True`` traces the whole decode step as one graph (real-arithmetic rotation, no graph breaks) and
-    gives eager's logits for rows at different positions; the growing length does not recompile it."""
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_compiled_decode_matches_eager(quantize):
+    """``compile=True`` traces the whole decode step as one graph (real-arithmetic rotation, no graph breaks; the
+    native quantised kernel as the custom op ``llamalab::qgemm``) and gives eager's logits for rows at different
+    positions; the growing length does not recompile it."""
     import torch._dynamo
 
+    from llamalab.inference import kernels
+
+    if quantize != "none" and kernels.load() is None:
+        pytest.skip(f"native kernel not built: {kernels.why_not()}")
     model = small_model(2, n_kv_heads=2)
-    eager, comp = Runner(model, slots=2), Runner(model, slots=2, compile=True)
+    if quantize != "none":  # the native kernel needs whole 32-blocks: a hidden size of 192
+        from llamalab.model import ModelConfig, Transformer
+
+        torch.manual_seed(2)
+        model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000,
+                                        multiple_of=32, max_seq_len=128)).eval()
+    eager = Runner(model, slots=2, quantize=quantize)
+    comp = Runner(model, slots=2, quantize=quantize, compile=True)
+    if quantize != "none":
+        from llamalab.inference.quantize import BlockLinear
+
+        assert isinstance(comp.layers[0].w2, BlockLinear) and eager._fuse and not comp._fuse
     torch._dynamo.reset()
     for r in (eager, comp):
         r.prefill(0, list(range(5, 12)))
