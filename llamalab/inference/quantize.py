@@ -30,9 +30,9 @@ the reference), 1,024 teacher-forced tokens of *Botchan*: top-1 agreement with f
 | ``int8-wo`` | 0.975 | +0.84% | |
 | ``int4`` | 0.988 | -0.06% | the file's linears are q4_1 already (same grid); symmetric q4_0: 0.71, +20% |
 
-Decode at batch 1, 1 thread, AVX-512 (``bench/quantize.py``, one run): fp32 22.1 tok/s, ``int8`` 2.41x,
-``int8-wo`` 1.76x, ``int4`` 2.69x (PyTorch's kernels, ``LLAMALAB_KERNELS=0``, in another run: 1.79x / 1.62x /
-2.45x of fp32).
+Decode at batch 1, 1 thread, AVX-512 (``bench/quantize.py``, one run each, vs fp32 in that run): ``int8`` 3.13x
+fp32, ``int8-wo`` 1.79x, ``int4`` 3.24x; with PyTorch's kernels (``LLAMALAB_KERNELS=0``) 1.76x / 1.66x / 2.54x;
+the native kernel's AVX2 build with PyTorch's AVX2 kernels (an AVX2-only CPU's case) 2.69x / 1.43x / 3.10x.
 
 The int8 x int8 path this module used before (``torch.ops.quantized.linear_dynamic``: activations quantised
 with one scale per call, 7 bits on CPUs without VNNI) kept 0.63 of SmolLM2's top-1 tokens in a 512-token prefill

@@ -65,6 +65,31 @@ def test_quantised_paths_keep_the_model(smol, held_out, quantize):
     assert agree >= min_agree and abs(delta) <= max_delta, (quantize, agree, delta)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_decoding_token_by_token_keeps_the_model(smol, held_out, quantize):
+    """A prefill of many rows and a decode step of one can take different kernel paths (the native kernel runs 4+
+    rows with fp32 activations, fewer with two int8 planes per block): teacher-force 128 tokens one decode step
+    at a time, the path batch-1 generation takes, and hold it to the same bounds."""
+    from llamalab.inference.runner import Runner
+
+    _, loaded = smol
+    ids, ref = held_out
+    n = 128
+    model = loaded.model
+    blocks, model.quant_weights = model.quant_weights, {}
+    try:
+        r = Runner(model, slots=1, quantize=quantize)
+    finally:
+        model.quant_weights = blocks
+    rows = [r.prefill(0, ids[:1])]
+    rows += [r.decode(torch.tensor([t])) for t in ids[1:n]]
+    got = torch.cat(rows)
+    agree = (got.argmax(-1) == ref[:n].argmax(-1)).float().mean().item()
+    delta = _ppl(got, ids[:n]) / _ppl(ref[:n], ids[:n]) - 1
+    min_agree, max_delta = BOUNDS[quantize]
+    assert agree >= min_agree and abs(delta) <= max_delta, (quantize, agree, delta)
+
+
 def test_the_files_blocks_run_as_they_are(smol, held_out):
     """q4_1 layers and the q8_0 embedding/head of the file run from their blocks: only the activations' rounding
     differs (~16 bits per 32-block in the native kernel, bf16 in PyTorch's: 1.000 and 0.982 agreement here)."""
