@@ -213,8 +213,8 @@ class Int4Linear:
 class BlockLinear:
     """32-block weights (q8 or q4) run by the native kernel (:mod:`llamalab.inference.kernels`): fp32 in and out;
     for 1-3 rows the activations are held as two int8 planes per 32-block inside the kernel (~16 bits), for more
-    rows they stay fp32. q4 nibbles are stored two
-    per byte (element j of a block in the low nibble of byte j, j + 16 in the high one), 4.5 bits per weight."""
+    rows they stay fp32. q4 nibbles are stored two per byte (element j of a block in the low nibble of byte j,
+    j + 16 in the high one); scales (and q4 offsets) are fp32, one per block: 6 bits per q4 weight, 9 per q8."""
 
     def __init__(self, qw: QuantWeight) -> None:
         if kernels.load() is None:
@@ -230,13 +230,10 @@ class BlockLinear:
             self.c = (qw.zero.float() - 8 * self.s).contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if torch.compiler.is_compiling():
-            y = kernels.qgemm_op(x2.float(), self.q, self.s, self.c)
-        else:
-            y = kernels.qgemm(x2.float().contiguous(), self.q, self.s, self.c)
-        return y.view(*shape[:-1], self.n)
+        if not torch.compiler.is_compiling():
+            return self.fused(x)
+        y = kernels.qgemm_op(x.reshape(-1, x.shape[-1]).float(), self.q, self.s, self.c)
+        return y.view(*x.shape[:-1], self.n)
 
     def fused(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0, swiglu: bool = False,
               residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -72,7 +72,7 @@ static inline float hsum(__m256 v) {
 
 
 // One weight row against MM activation rows (MM a compile-time constant so the accumulators stay in registers);
-// two accumulators per row (even and odd blocks) so consecutive FMAs do not wait on each other.
+// two accumulators per row (the hi and lo planes' sums), so consecutive FMAs do not wait on each other.
 #define ALWAYS static inline __attribute__((always_inline))
 
 ALWAYS void q8_row(const int8_t* qr, const float* sr, const int8_t* xh, const int8_t* xl, const float* sx,
@@ -193,40 +193,26 @@ static void f32_gemm(const float* x, int64_t M, int64_t K, const void* q, const 
 #define DISPATCH(MMV, CALL) switch (MMV) { case 1: CALL(1); break; case 2: CALL(2); break; \
                                            case 3: CALL(3); break; default: CALL(4); }
 
-// weights q8: int8 (N, K), scales (N, K/32). xq, sx, sumx: scratch of M*K bytes and M*K/32 floats each.
-static void q8_gemm(const float* x, int64_t M, int64_t K, const int8_t* q, const float* s, float* y, int64_t N,
-             int8_t* xq, float* sx, float* sumx, int threads) {
-  const int64_t nb = K / 32;
+// Fewer than FROWS rows: x quantised into two int8 planes (quantize_rows), integer dot products per block. Weights q8
+// (c NULL): int8 (N, K); q4: 16 bytes per block (element j in the low nibble of byte j, j + 16 in its high nibble),
+// value q * s + c with q in 0..15. Scales (and offsets) (N, K/32). xq, sx, sumx: scratch of 2*M*K bytes and M*K/32
+// floats each.
+static void int_gemm(const float* x, int64_t M, int64_t K, const void* q, const float* s, const float* c, float* y,
+                     int64_t N, int8_t* xq, float* sx, float* sumx, int threads) {
+  const int64_t nb = K / 32, rowbytes = c ? K / 2 : K;
   int8_t* xl = xq + M * K;
   quantize_rows(x, M, K, xq, xl, sx, sumx);
   #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t n = 0; n < N; n++) {
-    prefetch_row((const char*)(q + (n + AHEAD) * K), n + AHEAD < N ? K : 0);
+    const char* qr = (const char*)q + n * rowbytes;
+    prefetch_row(qr + AHEAD * rowbytes, n + AHEAD < N ? rowbytes : 0);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
       float out[4];
-#define Q8(MMC) q8_row(q + n * K, s + n * nb, xq + m0 * K, xl + m0 * K, sx + m0 * nb, nb, MMC, out)
-      DISPATCH(mm, Q8)
-      for (int i = 0; i < mm; i++) y[(m0 + i) * N + n] = out[i];
-    }
-  }
-}
-
-// weights q4: 16 bytes per block (element j in the low nibble of byte j, j + 16 in its high nibble), value
-// q * s + c with q in 0..15.
-static void q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* s, const float* c, float* y,
-             int64_t N, int8_t* xq, float* sx, float* sumx, int threads) {
-  const int64_t nb = K / 32;
-  int8_t* xl = xq + M * K;
-  quantize_rows(x, M, K, xq, xl, sx, sumx);
-  #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t n = 0; n < N; n++) {
-    prefetch_row((const char*)(q + (n + AHEAD) * K / 2), n + AHEAD < N ? K / 2 : 0);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
-      float out[4];
-#define Q4(MMC) q4_row(q + n * K / 2, s + n * nb, c + n * nb, xq + m0 * K, xl + m0 * K, sx + m0 * nb, sumx + m0 * nb, nb, MMC, out)
-      DISPATCH(mm, Q4)
+#define Q8(MMC) q8_row((const int8_t*)qr, s + n * nb, xq + m0 * K, xl + m0 * K, sx + m0 * nb, nb, MMC, out)
+#define Q4(MMC) q4_row((const uint8_t*)qr, s + n * nb, c + n * nb, xq + m0 * K, xl + m0 * K, sx + m0 * nb, \
+                       sumx + m0 * nb, nb, MMC, out)
+      if (c) { DISPATCH(mm, Q4) } else { DISPATCH(mm, Q8) }
       for (int i = 0; i < mm; i++) y[(m0 + i) * N + n] = out[i];
     }
   }
@@ -243,15 +229,17 @@ static void q4_gemm(const float* x, int64_t M, int64_t K, const uint8_t* q, cons
 int qgemm(const float* x, int64_t M, int64_t K, const void* q, const float* s, const float* c, float* y,
           int64_t N, int threads, const float* g, float eps, int swiglu, const float* res) {
   const int64_t nb = K / 32;
-  const size_t planes = (size_t)(2 * M * K), scales = (size_t)(2 * M * nb) * sizeof(float);
+  const int integer = M < FROWS;  // the fp32 path needs no quantised copy of x
+  const size_t planes = integer ? (size_t)(2 * M * K) : 0;
+  const size_t scales = integer ? (size_t)(2 * M * nb) * sizeof(float) : 0;
   const size_t pre = (g || swiglu) ? (size_t)(M * K) * sizeof(float) : 0;
-  int8_t* xq = (int8_t*)malloc(planes + scales + pre);
-  if (!xq) return -1;
-  float* sx = (float*)(xq + planes);  // 2 M K is a multiple of 64, so this stays aligned for floats
-  float* sumx = sx + M * nb;
+  int8_t* xq = NULL;
+  if (planes + scales + pre && !(xq = (int8_t*)malloc(planes + scales + pre))) return -1;
+  float* sx = integer ? (float*)(xq + planes) : NULL;  // 2 M K is a multiple of 64, so this stays float-aligned
+  float* sumx = integer ? sx + M * nb : NULL;
   const float* xin = x;
   if (pre) {
-    float* xf = sumx + M * nb;
+    float* xf = (float*)(xq + planes + scales);
     for (int64_t m = 0; m < M; m++) {
       const float* xr = x + m * (swiglu ? 2 * K : K);
       float* o = xf + m * K;
@@ -268,9 +256,8 @@ int qgemm(const float* x, int64_t M, int64_t K, const void* q, const float* s, c
     }
     xin = xf;
   }
-  if (M >= FROWS) f32_gemm(xin, M, K, q, s, c, y, N, threads);
-  else if (c) q4_gemm(xin, M, K, (const uint8_t*)q, s, c, y, N, xq, sx, sumx, threads);
-  else q8_gemm(xin, M, K, (const int8_t*)q, s, y, N, xq, sx, sumx, threads);
+  if (integer) int_gemm(xin, M, K, q, s, c, y, N, xq, sx, sumx, threads);
+  else f32_gemm(xin, M, K, q, s, c, y, N, threads);
   if (res)
     for (int64_t i = 0; i < M * N; i++) y[i] += res[i];
   free(xq);
