@@ -66,14 +66,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build(arch: str = "native", cc: str | None = None) -> Path:
-    """Compile ``qdot.c`` for ``-march={arch}`` (cached; see the module docstring) and return the library's path.
+def build(arch: str = "native", cc: str | None = None, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (``qdot.c`` unless another C file of llamalab's, such as the model's fused ops) for
+    ``-march={arch}`` (cached; see the module docstring) and return the library's path.
     ``arch="haswell"`` builds the AVX2 + FMA path without VNNI, to check it on a newer CPU."""
     cc = cc or os.environ.get("CC", "cc")
     flags = [*FLAGS, f"-march={arch}"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
-    name = f"qdot-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\n".join([source.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
+    name = f"{source.stem}-{key.hexdigest()[:16]}.so"
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"llamalab-kernels-{os.getuid()}"):
         if (folder / name).exists():
             return folder / name
@@ -88,7 +89,7 @@ def build(arch: str = "native", cc: str | None = None) -> Path:
     out = folder / name
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
         os.replace(tmp, out)

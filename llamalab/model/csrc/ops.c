@@ -1,0 +1,127 @@
+/* Fused forward and backward of the training step's elementwise work, fp32 on the CPU (llamalab/model/fused.py).
+ *
+ * Each function reads its inputs once and writes its outputs once, where PyTorch's eager ops make one pass (and
+ * one temporary tensor) per operation: RMSNorm is 6 ops forward and ~10 backward, SwiGLU's silu(a) * b 2 and 4,
+ * RoPE in real arithmetic ~8 and ~12. All are memory-bound, so the pass count is the cost.
+ * Threads: OpenMP over rows (or 4096-element chunks), `nt` of them, static schedule: the same thread count gives
+ * the same bits (the RMSNorm weight gradient is summed per thread, then over threads in order).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#define PAR_MIN 32768 /* elements below which one thread does the work (a parallel region costs ~2-5 us) */
+
+int ops_abi(void) { return 1; }
+
+/* exp(x) in float, vectorisable: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split in two for exactness),
+ * p Cephes' degree-7 expf polynomial; relative error ~1e-7 on [-87, 88], clamped outside (exp(-87.3) ~ 1e-38). */
+static inline float fexp(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187045e-06f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s;
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over rows of D; rstd[i] = the row's 1 / sqrt(mean + eps), kept for backward */
+void rmsnorm_fwd(const float *x, const float *w, float *y, float *rstd, int64_t M, int64_t D, float eps, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (M * D >= PAR_MIN)
+    for (int64_t i = 0; i < M; i++) {
+        const float *xi = x + i * D;
+        float *yi = y + i * D;
+        float ss = 0.f;
+        #pragma omp simd reduction(+:ss)
+        for (int64_t j = 0; j < D; j++) ss += xi[j] * xi[j];
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        rstd[i] = r;
+        #pragma omp simd
+        for (int64_t j = 0; j < D; j++) yi[j] = (xi[j] * r) * w[j];
+    }
+}
+
+/* gx = r * (gy*w - xhat * mean(gy*w*xhat)) with xhat = x*r; gw = sum over rows of gy * xhat (gw_part: nt x D scratch) */
+void rmsnorm_bwd(const float *x, const float *w, const float *rstd, const float *gy, float *gx, float *gw,
+                 float *gw_part, int64_t M, int64_t D, int nt) {
+    if (M * D < PAR_MIN) nt = 1;
+    memset(gw_part, 0, sizeof(float) * (size_t)(nt * D));
+    #pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        float *gwp = gw_part + t * D;
+        int64_t lo = M * t / T, hi = M * (t + 1) / T;
+        for (int64_t i = lo; i < hi; i++) {
+            const float *xi = x + i * D, *gi = gy + i * D;
+            float *o = gx + i * D;
+            float r = rstd[i], dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int64_t j = 0; j < D; j++) dot += gi[j] * w[j] * xi[j];
+            float c = dot * r * r / (float)D;
+            #pragma omp simd
+            for (int64_t j = 0; j < D; j++) {
+                o[j] = r * (gi[j] * w[j] - xi[j] * c);
+                gwp[j] += gi[j] * (xi[j] * r);
+            }
+        }
+    }
+    for (int64_t j = 0; j < D; j++) gw[j] = gw_part[j];
+    for (int t = 1; t < nt; t++)
+        for (int64_t j = 0; j < D; j++) gw[j] += gw_part[t * D + j];
+}
+
+/* h = silu(a) * b = a * sigmoid(a) * b, elementwise over n */
+void swiglu_fwd(const float *a, const float *b, float *h, int64_t n, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (n >= PAR_MIN)
+    for (int64_t c = 0; c < n; c += 4096) {
+        int64_t e = c + 4096 < n ? c + 4096 : n;
+        #pragma omp simd
+        for (int64_t j = c; j < e; j++) {
+            float s = 1.f / (1.f + fexp(-a[j]));
+            h[j] = a[j] * s * b[j];
+        }
+    }
+}
+
+/* ga = gh * b * silu'(a), silu'(a) = s (1 + a (1 - s)); gb = gh * silu(a) */
+void swiglu_bwd(const float *a, const float *b, const float *gh, float *ga, float *gb, int64_t n, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (n >= PAR_MIN)
+    for (int64_t c = 0; c < n; c += 4096) {
+        int64_t e = c + 4096 < n ? c + 4096 : n;
+        #pragma omp simd
+        for (int64_t j = c; j < e; j++) {
+            float s = 1.f / (1.f + fexp(-a[j])), g = gh[j];
+            gb[j] = g * (a[j] * s);
+            ga[j] = g * b[j] * (s * (1.f + a[j] * (1.f - s)));
+        }
+    }
+}
+
+/* Rotate each adjacent pair (x[2j], x[2j+1]) of x (B*T rows of H heads of D) by cs[t][j] = (cos, sin), t = row % T:
+ * y0 = x0 cos - x1 sin, y1 = x0 sin + x1 cos. sign = -1 applies the transposed rotation (the gradient). */
+void rope(const float *x, const float *cs, float *y, int64_t B, int64_t T, int64_t H, int64_t D, float sign, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (B * T * H * D >= PAR_MIN)
+    for (int64_t r = 0; r < B * T; r++) {
+        const float *c = cs + (r % T) * D;
+        for (int64_t h = 0; h < H; h++) {
+            const float *xi = x + (r * H + h) * D;
+            float *yi = y + (r * H + h) * D;
+            #pragma omp simd
+            for (int64_t j = 0; j < D / 2; j++) {
+                float co = c[2 * j], si = sign * c[2 * j + 1], x0 = xi[2 * j], x1 = xi[2 * j + 1];
+                yi[2 * j] = x0 * co - x1 * si;
+                yi[2 * j + 1] = x0 * si + x1 * co;
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+"""The fused CPU kernels (RMSNorm, SwiGLU, RoPE: llamalab/model/fused.py) against the PyTorch expressions they
+stand in for, forward and backward; and the cases where PyTorch's ops must run instead."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamalab.model import fused
+from llamalab.model.layers import RMSNorm, rotate_pairs
+
+needs_lib = pytest.mark.skipif(fused.load() is None, reason=f"fused ops not built: {fused.why_not()}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_library_builds_where_a_compiler_exists():
+    if shutil.which("cc"):
+        assert fused.load() is not None, fused.why_not()
+
+
+def _ref_norm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _grads(fn, inputs, g):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    out.backward(g)
+    return out.detach(), [t.grad for t in inputs]
+
+
+def _close(a, b, tol=2e-5):
+    scale = max(b.abs().max().item(), 1e-6)
+    assert (a - b).abs().max().item() <= tol * scale, (a - b).abs().max().item() / scale
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(3, 5, 33), (4, 256, 128), (2, 64, 768)])  # odd width; below / above PAR_MIN
+def test_rms_norm_matches_pytorch(shape, threads):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.rand(shape[-1], generator=g) + 0.5
+    gy = torch.randn(shape, generator=g)
+    y, (gx, gw) = _grads(lambda a, b: fused.rms_norm(a, b, 1e-5), [x, w], gy)
+    ry, (rgx, rgw) = _grads(lambda a, b: _ref_norm(a, b, 1e-5), [x, w], gy)
+    _close(y, ry)
+    _close(gx, rgx)
+    _close(gw, rgw)
+    again = _grads(lambda a, b: fused.rms_norm(a, b, 1e-5), [x, w], gy)
+    assert torch.equal(again[0], y) and torch.equal(again[1][1], gw)  # same threads, same bits
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(7, 13), (4, 256, 352)])
+def test_swiglu_matches_pytorch(shape, threads):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(shape, generator=g) * 6  # silu's tails: sigmoid near 0 and 1
+    a.view(-1)[:4] = torch.tensor([-100.0, 100.0, 0.0, -88.0])  # past exp's range: clamped, no inf/nan
+    b = torch.randn(shape, generator=g)
+    gh = torch.randn(shape, generator=g)
+    h, (ga, gb) = _grads(fused.swiglu, [a, b], gh)
+    rh, (rga, rgb) = _grads(lambda u, v: F.silu(u) * v, [a, b], gh)
+    assert torch.isfinite(h).all() and torch.isfinite(ga).all()
+    _close(h, rh)
+    _close(ga, rga)
+    _close(gb, rgb)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,T,H,D", [(1, 3, 2, 6), (4, 256, 4, 32), (2, 64, 12, 64)])
+def test_rope_matches_real_arithmetic(B, T, H, D, threads):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(2)
+    ang = torch.rand(T, D // 2, generator=g) * 6
+    cs = torch.stack([ang.cos(), ang.sin()], -1) * 1.3  # a yarn-like factor: the backward is the transpose
+    x = torch.randn(B, T, H, D, generator=g)
+    gy = torch.randn(B, T, H, D, generator=g)
+    y, (gx,) = _grads(lambda t: fused.rope(t, cs), [x], gy)
+    shape = (1, T, 1, D // 2)
+    ry, (rgx,) = _grads(lambda t: rotate_pairs(t, cs[..., 0].reshape(shape), cs[..., 1].reshape(shape)), [x], gy)
+    _close(y, ry, 1e-6)
+    _close(gx, rgx, 1e-6)
+
+
+def test_pytorch_ops_where_the_kernel_does_not_apply(monkeypatch):
+    x = torch.randn(2, 8, 16)
+    w = torch.rand(16) + 0.5
+    assert fused.rms_norm(x.bfloat16(), w, 1e-5) is None  # autocast / bf16 models
+    assert fused.rms_norm(x.transpose(0, 1), w, 1e-5) is None  # not contiguous
+    assert fused.rms_norm(x, torch.rand(8), 1e-5) is None  # weight of another width
+    assert fused.rope(x.view(2, 8, 2, 8), torch.randn(8, 3, 2)) is None  # table for another head size
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fused.rms_norm(x, w, 1e-5) is None  # inductor fuses these itself
+    a, b = torch.randn(5, 7), torch.randn(5, 7)
+    assert torch.equal(fused.swiglu(a, b), F.silu(a) * b)  # PyTorch's two ops, bit for bit
+
+
+@needs_lib
+def test_model_layers_take_the_kernels_and_agree_with_pytorch(monkeypatch):
+    from llamalab.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
+    model = Transformer(cfg)
+    model.init_weights(seed=3)
+    for n in model.modules():
+        if isinstance(n, RMSNorm):
+            n.weight.data.uniform_(0.5, 1.5)
+    tok = torch.randint(0, 97, (3, 32), generator=torch.Generator().manual_seed(4))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = F.cross_entropy(model(tok[:, :-1]).flatten(0, 1), tok[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    calls = {"n": 0}
+    real = fused._usable
+
+    def counting(*ts):
+        ok = real(*ts)
+        calls["n"] += ok
+        return ok
+
+    monkeypatch.setattr(fused, "_usable", counting)
+    loss, grads = loss_and_grads()
+    assert calls["n"] == 2 * (2 + 1 + 2) + 1  # per block: 2 norms, SwiGLU, RoPE of q and k; the final norm
+    monkeypatch.setattr(fused, "_usable", lambda *ts: False)
+    ref_loss, ref_grads = loss_and_grads()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    for a, b in zip(grads, ref_grads):
+        _close(a, b, 1e-4)
