@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from llamalab.common import LlamalabError
 from llamalab.inference.quantize import BlockLinear, Linear, QuantWeight, make_head, make_linear
+from llamalab.model import fused
 from llamalab.model.layers import dynamic_decode_freqs_cis, dynamic_seq_len, precompute_freqs_cis, rotate_pairs
 from llamalab.model.transformer import Transformer
 
@@ -121,6 +122,12 @@ class Runner:
         if self._fuse:
             for lay in self.layers:
                 lay.attn_norm, lay.ffn_norm = lay.attn_norm.float().contiguous(), lay.ffn_norm.float().contiguous()
+        # NOTE: eager fp32 decode on the CPU runs each layer's RoPE, cache write and attention as one native call
+        # (llamalab.model.fused.attn_decode) instead of ~15 tensor ops; compiled steps keep the ops
+        self._native_attn = (not compile and self.dtype == torch.float32 and dev.type == "cpu"
+                             and fused.load() is not None)
+        if self._native_attn:
+            self._decode_cs = torch.view_as_real(self.decode_freqs).float().contiguous()  # (S, D/2, 2)
         self._decode_core = self._decode_impl
         if compile:  # one graph for every length (dynamic): the first decode compiles (25-65 s on 2 cores)
             self._decode_core = torch.compile(self._decode_impl, dynamic=True, fullgraph=True)
@@ -128,13 +135,15 @@ class Runner:
     # ------------------------------------------------------------------ blocks
 
     def _attn_ffn(self, layer: _Layer, li: int, h: torch.Tensor, fc: torch.Tensor,
-                  write, attend) -> torch.Tensor:
+                  write, attend, native=None) -> torch.Tensor:
         B, T, _ = h.shape
         H, Hk, D = self.n_heads, self.n_kv, self.head_dim
         if self._fuse:
             qkv = layer.wqkv.fused(h, norm=layer.attn_norm, eps=self.eps).view(B, T, H + 2 * Hk, D)
         else:
             qkv = layer.wqkv(F.rms_norm(h, (h.shape[-1],), layer.attn_norm, self.eps)).view(B, T, H + 2 * Hk, D)
+        if native is not None:  # one decode step: RoPE, cache write and attention in one call
+            return self._ffn(layer, h, native(li, qkv.view(B, H + 2 * Hk, D)).view(B, T, H * D))
         if fc.is_complex():
             pairs = qkv[:, :, : H + Hk].float().reshape(B, T, H + Hk, D // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(pairs) * fc).flatten(3).to(h.dtype)
@@ -143,6 +152,10 @@ class Runner:
         q = qk[:, :, :H].transpose(1, 2)
         k, v = write(li, qk[:, :, H:], qkv[:, :, H + Hk:])
         o = attend(q, k, v).transpose(1, 2).reshape(B, T, H * D)
+        return self._ffn(layer, h, o)
+
+    def _ffn(self, layer: _Layer, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The attention output projection, its residual, and the feed-forward half of the block."""
         if self._fuse:
             h = layer.wo.fused(o, residual=h)
             gu = layer.w13.fused(h, norm=layer.ffn_norm, eps=self.eps)
@@ -225,8 +238,13 @@ class Runner:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
 
+        native = None
+        if self._native_attn and self.k[0].is_contiguous():
+            def native(li: int, qkv: torch.Tensor) -> torch.Tensor:
+                return fused.attn_decode(qkv, self._decode_cs, pos, self.k[li], self.v[li], self.n_heads, self.n_kv)
+
         for li, layer in enumerate(self.layers):
-            h = self._attn_ffn(layer, li, h, fc, write, attend)
+            h = self._attn_ffn(layer, li, h, fc, write, attend, native)
         return self._logits(h[:, 0])
 
     # ------------------------------------------------------------------ slot bookkeeping

@@ -57,6 +57,7 @@ def load() -> ctypes.CDLL | None:
     lib.swiglu_fwd.argtypes = [p, p, p, i64, cint]
     lib.swiglu_bwd.argtypes = [p, p, p, p, p, i64, cint]
     lib.rope.argtypes = [p, p, p, i64, i64, i64, i64, f32, cint]
+    lib.attn_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
     _lib = lib
     return lib
 
@@ -156,3 +157,29 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor | None:
     if x.dim() != 4 or cos_sin.shape != (x.shape[1], x.shape[3] // 2, 2) or x.shape[3] % 2 or not _usable(x, cos_sin):
         return None
     return _RoPE.apply(x, cos_sin)
+
+
+def attn_decode(qkv: torch.Tensor, cos_sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """One decode step's attention for n sequences in one call (the inference runner's eager fp32 CPU path).
+
+    ``qkv`` (n, H + 2 Hk, D) fp32 contiguous: this token's q, k, v heads; sequence b sits in cache slot b at
+    position ``pos[b]`` (int64). q and k are rotated by ``cos_sin[pos[b]]`` (S, D/2, 2) *in place*, k and v written
+    into ``k_cache`` / ``v_cache`` (slots, Hk, S, D) at that position, and the causal attention over positions
+    [0, pos[b]] returned as (n, H * D). The caller checks :func:`load` first; shapes are checked here.
+    NOTE: the positions are not (a host sync per layer): the caller keeps them in [0, S), as the runner's
+    ``decode`` does before each step.
+    """
+    n, heads, D = qkv.shape
+    S = k_cache.shape[2]
+    if heads != n_heads + 2 * n_kv_heads or k_cache.shape[1:] != (n_kv_heads, S, D) or v_cache.shape != k_cache.shape \
+            or k_cache.shape[0] < n or cos_sin.shape[1:] != (D // 2, 2) or cos_sin.shape[0] < S or pos.shape != (n,):
+        raise ValueError(f"attn_decode: qkv {tuple(qkv.shape)}, caches {tuple(k_cache.shape)}, table "
+                         f"{tuple(cos_sin.shape)}, pos {tuple(pos.shape)} do not fit H={n_heads}, Hk={n_kv_heads}")
+    if not all(t.is_contiguous() and t.dtype == torch.float32 for t in (qkv, cos_sin, k_cache, v_cache)) \
+            or pos.dtype != torch.int64 or not pos.is_contiguous():
+        raise ValueError("attn_decode: fp32 contiguous tensors and int64 positions expected")
+    out = torch.empty(n, n_heads * D, dtype=torch.float32)
+    _lib.attn_decode(qkv.data_ptr(), cos_sin.data_ptr(), pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                     out.data_ptr(), n, n_heads, n_kv_heads, D, S, D ** -0.5, torch.get_num_threads())
+    return out

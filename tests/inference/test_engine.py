@@ -16,10 +16,19 @@ PROMPTS = ["Once upon a time", "The capital of France is", "a", "In 1492, Columb
            "Hello"]
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("n_kv,tie", [(2, False), (4, True)])
-def test_runner_matches_transformer(n_kv, tie):
+def test_runner_matches_transformer(n_kv, tie, native):
+    """``native``: each decode layer's RoPE, cache write and attention as one call (llamalab.model.fused), else
+    PyTorch's ops."""
+    from llamalab.model import fused
+
     model = small_model(1, n_kv_heads=n_kv, tie=tie)
     r = Runner(model, slots=3)
+    assert r._native_attn == (fused.load() is not None)
+    if native and not r._native_attn:
+        pytest.skip(f"fused ops not built: {fused.why_not()}")
+    r._native_attn = native
     ids = [list(range(5, 5 + n)) for n in (7, 3, 12)]
     with torch.inference_mode():
         for s, x in enumerate(ids):

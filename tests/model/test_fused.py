@@ -143,3 +143,35 @@ def test_model_layers_take_the_kernels_and_agree_with_pytorch(monkeypatch):
     assert abs(loss.item() - ref_loss.item()) < 1e-5
     for a, b in zip(grads, ref_grads):
         _close(a, b, 1e-4)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_sdpa(threads):
+    """One decode step for 4 sequences at different positions (the first, across the kernel's 1024-position
+    blocks, the cache's last), GQA 4 heads on 2: rotation, cache writes and attention against PyTorch's."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(5)
+    n, H, Hk, D, S = 4, 4, 2, 16, 2100
+    pos = torch.tensor([0, 1023, 1024, S - 1])
+    qkv = torch.randn(n, H + 2 * Hk, D, generator=g)
+    kc, vc = torch.randn(n + 1, Hk, S, D, generator=g), torch.randn(n + 1, Hk, S, D, generator=g)
+    ang = torch.rand(S, D // 2, generator=g) * 6
+    cs = torch.stack([ang.cos(), ang.sin()], -1)
+    ref_k, ref_v, x = kc.clone(), vc.clone(), qkv.clone()
+    c, s = cs[pos, :, 0][:, None], cs[pos, :, 1][:, None]  # (n, 1, D/2)
+    qk = rotate_pairs(x[:, None, : H + Hk], c[:, None], s[:, None])[:, 0]  # (n, H + Hk, D)
+    ref = []
+    for b in range(n):
+        p = int(pos[b])
+        ref_k[b, :, p], ref_v[b, :, p] = qk[b, H:], x[b, H + Hk:]
+        k = ref_k[b, :, : p + 1].repeat_interleave(H // Hk, 0)  # (H, p + 1, D)
+        v = ref_v[b, :, : p + 1].repeat_interleave(H // Hk, 0)
+        ref.append(F.scaled_dot_product_attention(qk[b, :H, None], k, v)[:, 0].reshape(-1))
+    out = fused.attn_decode(qkv, cs, pos, kc, vc, H, Hk)
+    _close(out, torch.stack(ref), 1e-5)
+    assert torch.equal(kc, ref_k) or (kc - ref_k).abs().max() < 1e-6  # only the new positions changed
+    assert torch.equal(vc, ref_v)
+    assert torch.equal(kc[n], ref_k[n])  # the unused slot untouched
+    with pytest.raises(ValueError, match="do not fit"):
+        fused.attn_decode(qkv, cs, pos, kc, vc, H, 1)

@@ -125,3 +125,72 @@ void rope(const float *x, const float *cs, float *y, int64_t B, int64_t T, int64
         }
     }
 }
+
+/* One decode step's attention for n sequences (one new token each), in place of ~15 tensor ops per layer.
+ * qkv: (n, H + 2 Hk, D) this step's projections, q heads then k then v; row b belongs to cache slot b at position
+ * pos[b]. Rotates q and k by cs[pos[b]] ((S, D/2, 2) = cos, sin), writes k and v into the caches kc, vc (slots, Hk,
+ * S, D) at pos[b], and writes softmax(q k^T * scale) v over positions [0, pos[b]] to out (n, H * D).
+ * NOTE: qkv is modified (its q and k are rotated in place). */
+void attn_decode(float *qkv, const float *cs, const int64_t *pos, float *kc, float *vc, float *out, int64_t n,
+                 int64_t H, int64_t Hk, int64_t D, int64_t S, float scale, int nt) {
+    int64_t W = (H + 2 * Hk) * D, rep = H / Hk;
+    for (int64_t b = 0; b < n; b++) {
+        float *row = qkv + b * W;
+        const float *c = cs + pos[b] * D;
+        for (int64_t h = 0; h < H + Hk; h++) {
+            float *x = row + h * D;
+            #pragma omp simd
+            for (int64_t j = 0; j < D / 2; j++) {
+                float co = c[2 * j], si = c[2 * j + 1], x0 = x[2 * j], x1 = x[2 * j + 1];
+                x[2 * j] = x0 * co - x1 * si;
+                x[2 * j + 1] = x0 * si + x1 * co;
+            }
+        }
+        for (int64_t g = 0; g < Hk; g++) {
+            memcpy(kc + ((b * Hk + g) * S + pos[b]) * D, row + (H + g) * D, sizeof(float) * D);
+            memcpy(vc + ((b * Hk + g) * S + pos[b]) * D, row + (H + Hk + g) * D, sizeof(float) * D);
+        }
+    }
+    int64_t work = 0;
+    for (int64_t b = 0; b < n; b++) work += (pos[b] + 1) * H * D;
+    #pragma omp parallel num_threads(nt) if (work >= PAR_MIN)
+    {
+        float sbuf[1024];
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < n * H; u++) {
+            int64_t b = u / H, h = u % H, g = h / rep, L = pos[b] + 1;
+            const float *q = qkv + b * W + h * D, *K = kc + (b * Hk + g) * S * D, *V = vc + (b * Hk + g) * S * D;
+            float *o = out + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            float m = -INFINITY, l = 0.f;
+            for (int64_t j0 = 0; j0 < L; j0 += 1024) {  /* blocks of 1024 positions, online softmax across them */
+                int64_t nb = L - j0 < 1024 ? L - j0 : 1024;
+                float mx = m;
+                for (int64_t j = 0; j < nb; j++) {
+                    const float *k = K + (j0 + j) * D;
+                    float s = 0.f;
+                    #pragma omp simd reduction(+:s)
+                    for (int64_t d = 0; d < D; d++) s += q[d] * k[d];
+                    s *= scale;
+                    sbuf[j] = s;
+                    mx = s > mx ? s : mx;
+                }
+                float alpha = fexp(m - mx), sum = 0.f;
+                #pragma omp simd reduction(+:sum)
+                for (int64_t j = 0; j < nb; j++) { sbuf[j] = fexp(sbuf[j] - mx); sum += sbuf[j]; }
+                l = l * alpha + sum;
+                m = mx;
+                if (alpha != 1.f)
+                    for (int64_t d = 0; d < D; d++) o[d] *= alpha;
+                for (int64_t j = 0; j < nb; j++) {
+                    const float *v = V + (j0 + j) * D;
+                    float p = sbuf[j];
+                    #pragma omp simd
+                    for (int64_t d = 0; d < D; d++) o[d] += p * v[d];
+                }
+            }
+            float inv = 1.f / l;
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+    }
+}
