@@ -58,6 +58,7 @@ def load() -> ctypes.CDLL | None:
     lib.swiglu_bwd.argtypes = [p, p, p, p, p, i64, cint]
     lib.rope.argtypes = [p, p, p, i64, i64, i64, i64, f32, cint]
     lib.attn_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
+    lib.xent_rows.argtypes = [p, p, p, i64, i64, i64, cint, cint]
     _lib = lib
     return lib
 
@@ -183,3 +184,21 @@ def attn_decode(qkv: torch.Tensor, cos_sin: torch.Tensor, pos: torch.Tensor, k_c
     _lib.attn_decode(qkv.data_ptr(), cos_sin.data_ptr(), pos.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                      out.data_ptr(), n, n_heads, n_kv_heads, D, S, D ** -0.5, torch.get_num_threads())
     return out
+
+
+def xent_rows(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, grad: bool) -> torch.Tensor | None:
+    """Per-row cross-entropy of ``logits`` (n, V) fp32 against ``targets`` (n,) int64, or None where the kernel does
+    not apply. With ``grad`` the logits are overwritten by their gradient ``softmax - onehot`` (zero rows where the
+    target is ``ignore_index``); without, by scratch. Targets outside [0, V) other than ``ignore_index`` raise, as
+    ``F.cross_entropy`` does."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1] or targets.dtype != torch.int64 \
+            or not targets.is_contiguous() or not _usable(logits):
+        return None
+    V = logits.shape[1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        raise IndexError(f"target {int(targets[bad][0])} is out of bounds for a vocabulary of {V}")
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    _lib.xent_rows(logits.data_ptr(), targets.data_ptr(), loss.data_ptr(), logits.shape[0], V, ignore_index, grad,
+                   torch.get_num_threads())
+    return loss

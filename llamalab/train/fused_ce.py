@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llamalab.model import fused
 from llamalab.train.step import IGNORE_INDEX
 
 
@@ -43,6 +44,17 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a, b, out=out)
     else:
         out.copy_(a @ b)
+
+
+def chunk_grads(dlogits: torch.Tensor, cdt: torch.dtype, w: torch.Tensor, hc: torch.Tensor, grad_h: torch.Tensor,
+              grad_w: torch.Tensor) -> None:
+    """A chunk's gradients from its logits' gradient: grad_h = dlogits @ W (written), grad_W += dlogits^T @ h."""
+    g = dlogits.to(cdt)
+    _mm(g, w, grad_h)
+    if cdt == torch.float32:
+        grad_w.addmm_(g.t(), hc)
+    else:
+        grad_w.add_(g.t() @ hc)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -68,6 +80,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if logits is None or logits.shape[0] != n:  # NOTE: one fp32 buffer reused by every chunk
                 logits = torch.empty(n, w.shape[0], dtype=torch.float32, device=h.device)
             _mm(hc, w.t(), logits)
+            losses = fused.xent_rows(logits, tc, IGNORE_INDEX, need_grad)  # one C pass per row (fp32 CPU)
+            if losses is not None:
+                total += losses.sum()
+                if need_grad:
+                    chunk_grads(logits, cdt, w, hc, grad_h[i:i + n], grad_w)
+                continue
             valid = tc != IGNORE_INDEX
             safe = torch.where(valid, tc, 0)
             picked = logits.gather(1, safe[:, None])
@@ -80,12 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             logits.mul_(valid[:, None] / sumexp)  # softmax, zero on ignored rows
             logits.scatter_add_(1, safe[:, None], -valid[:, None].to(logits.dtype))  # minus the one-hot
-            g = logits.to(cdt)
-            _mm(g, w, grad_h[i:i + n])
-            if cdt == torch.float32:
-                grad_w.addmm_(g.t(), hc)
-            else:
-                grad_w.add_(g.t() @ hc)
+            chunk_grads(logits, cdt, w, hc, grad_h[i:i + n], grad_w)
         if need_grad:
             ctx.save_for_backward(grad_h.view_as(h), grad_w.to(weight.dtype))
         return total

@@ -175,3 +175,38 @@ def test_decode_attention_matches_sdpa(threads):
     assert torch.equal(kc[n], ref_k[n])  # the unused slot untouched
     with pytest.raises(ValueError, match="do not fit"):
         fused.attn_decode(qkv, cs, pos, kc, vc, H, 1)
+
+
+@needs_lib
+def test_cross_entropy_rows_match_pytorch(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(37, 300, generator=g) * 10
+    t = torch.randint(0, 300, (37,), generator=g)
+    t[[0, 5]] = -100
+    t[1] = 299
+    ref = F.cross_entropy(logits, t, ignore_index=-100, reduction="none")
+    want_grad = torch.softmax(logits, -1) - F.one_hot(t.clamp(min=0), 300)
+    want_grad[t == -100] = 0
+    x = logits.clone()
+    loss = fused.xent_rows(x, t, -100, grad=True)
+    _close(loss, ref, 1e-5)
+    _close(x, want_grad, 1e-5)
+    assert fused.xent_rows(logits.clone(), t, -100, grad=False).equal(loss)
+    with pytest.raises(IndexError, match="300 is out of bounds"):
+        fused.xent_rows(logits.clone(), torch.full((37,), 300), -100, grad=True)
+    assert fused.xent_rows(logits.bfloat16(), t, -100, grad=True) is None
+    # the fused output head takes it, and agrees with its own tensor-op path
+    from llamalab.train.fused_ce import linear_cross_entropy_sum
+
+    h = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (3, 11), generator=g)
+    y[0, :4] = -100
+    got = linear_cross_entropy_sum(h, w, y, chunk_rows=7)
+    gh, gw = torch.autograd.grad(got, (h, w))
+    monkeypatch.setattr(fused, "_usable", lambda *ts: False)
+    want = linear_cross_entropy_sum(h, w, y, chunk_rows=7)
+    wh, ww = torch.autograd.grad(want, (h, w))
+    _close(got, want, 1e-5)
+    _close(gh, wh, 1e-5)
+    _close(gw, ww, 1e-5)

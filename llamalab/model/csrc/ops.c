@@ -194,3 +194,32 @@ void attn_decode(float *qkv, const float *cs, const int64_t *pos, float *kc, flo
         }
     }
 }
+
+/* Cross-entropy over rows of logits (n, V), in place, for the fused output head (llamalab/train/fused_ce.py):
+ * loss[i] = logsumexp(row) - row[t[i]]; the row becomes its gradient softmax(row) - onehot(t[i]) when grad != 0
+ * (zeros and loss 0 where t[i] == ignore). One pass over each row while it sits in L1/L2, where the tensor ops make
+ * six over the whole chunk. */
+void xent_rows(float *logits, const int64_t *t, float *loss, int64_t n, int64_t V, int64_t ignore, int grad, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (n * V >= PAR_MIN)
+    for (int64_t i = 0; i < n; i++) {
+        float *r = logits + i * V;
+        int64_t ti = t[i];
+        if (ti == ignore || ti < 0 || ti >= V) {  /* out-of-range targets are the caller's to refuse */
+            loss[i] = 0.f;
+            if (grad) memset(r, 0, sizeof(float) * (size_t)V);
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < V; j++) mx = r[j] > mx ? r[j] : mx;
+        float picked = r[ti], sum = 0.f;
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < V; j++) { float e = fexp(r[j] - mx); r[j] = e; sum += e; }
+        loss[i] = mx + logf(sum) - picked;
+        if (grad) {
+            float inv = 1.f / sum;
+            #pragma omp simd
+            for (int64_t j = 0; j < V; j++) r[j] *= inv;
+            r[ti] -= 1.f;
+        }
+    }
+}
