@@ -1,12 +1,19 @@
-"""Fused CPU kernels for the elementwise parts of a block: RMSNorm, SwiGLU's ``silu(a) * b`` and RoPE, forward
-and backward (``csrc/ops.c``, compiled on first use like the quantised GEMM: :mod:`llamalab.inference.kernels`).
+"""Fused fp32 CPU kernels (``csrc/ops.c``, compiled on first use like the quantised GEMM:
+:mod:`llamalab.inference.kernels`) for the work around the matmuls that PyTorch's eager ops spread over many passes:
 
-Why: on the CPU these ops are memory-bound, and PyTorch's eager autograd makes one pass over the activations (and
-one temporary tensor) per elementary op: RMSNorm is ~6 ops forward and ~10 backward, RoPE in real arithmetic ~8
-and ~12. Each kernel here reads its inputs once and writes its outputs once. Measured forward + backward, 2
-threads, AVX-512 VM (fp32; stories110M's shapes, 8 x 256 tokens): RMSNorm 7.5 -> 1.3 ms, SwiGLU 9.8 -> 6.3 ms,
-RoPE of q and k 10.9 -> 2.5 ms; the tiny preset's shapes 2.4 -> 0.7, 3.2 -> 1.8, 3.2 -> 0.4 ms. The step's
-GEMMs and attention are untouched (PyTorch's).
+- training (forward and backward): RMSNorm, SwiGLU's ``silu(a) * b`` and RoPE, used by the model's layers; the fused
+  output head's per-row cross-entropy and its gradient (``xent_rows``, :mod:`llamalab.train.fused_ce`);
+- decoding: one layer's RoPE, KV-cache write and attention for one new token per sequence (``attn_decode``, used by
+  the inference runner's eager fp32 path).
+
+Why: these ops are memory-bound (or, in decode, dispatch-bound), and eager autograd makes one pass over the
+activations (and one temporary tensor) per elementary op: RMSNorm is ~6 ops forward and ~10 backward, RoPE in real
+arithmetic ~8 and ~12, a decode layer's attention ~15 small ops. Each kernel reads its inputs once and writes its
+outputs once. Measured forward + backward, 2 threads, AVX-512 VM (fp32; stories110M's shapes, 8 x 256 tokens):
+RMSNorm 7.5 -> 1.3 ms, SwiGLU 9.8 -> 6.3 ms, RoPE of q and k 10.9 -> 2.5 ms; the tiny preset's shapes 2.4 -> 0.7,
+3.2 -> 1.8, 3.2 -> 0.4 ms. ``llamalab run``'s pretraining 417 -> 362 s; SmolLM2 int4 decode at batch 1, 1 thread,
+57 -> 70 tok/s (``attn_decode``). The step's GEMMs and its training attention stay PyTorch's (a flash-style C
+attention was tried: 0.77-1.0x PyTorch's CPU flash kernel, dropped).
 
 When they are used (each call decides; otherwise the plain PyTorch expression runs, with the same math):
 plain fp32 CPU tensors (not DTensors: tensor parallelism keeps PyTorch's ops), contiguous where the kernel reads
@@ -46,11 +53,18 @@ def load() -> ctypes.CDLL | None:
     from llamalab.inference import kernels
 
     try:
-        lib = ctypes.CDLL(str(kernels.build(os.environ.get("LLAMALAB_KERNEL_ARCH", "native"), source=SOURCE)))
+        lib = open_library(kernels.build(os.environ.get("LLAMALAB_KERNEL_ARCH", "native"), source=SOURCE))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _why = f"could not build {SOURCE.name}: {e}"
         print(f"llamalab: RMSNorm/SwiGLU/RoPE use PyTorch's ops ({_why})", file=sys.stderr)
         return None
+    _lib = lib
+    return lib
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """Load a build of ``ops.c`` and declare its functions' C types (tests load the AVX2 build this way)."""
+    lib = ctypes.CDLL(str(path))
     p, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.rmsnorm_fwd.argtypes = [p, p, p, p, i64, i64, f32, cint]
     lib.rmsnorm_bwd.argtypes = [p, p, p, p, p, p, p, i64, i64, cint]
@@ -59,7 +73,6 @@ def load() -> ctypes.CDLL | None:
     lib.rope.argtypes = [p, p, p, i64, i64, i64, i64, f32, cint]
     lib.attn_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
     lib.xent_rows.argtypes = [p, p, p, i64, i64, i64, cint, cint]
-    _lib = lib
     return lib
 
 

@@ -8,6 +8,8 @@ arithmetic. Here each chunk of ``chunk_rows`` tokens (~1k by default) does logit
 loss -> softmax gradient -> grad_h and grad_W (accumulated in place) in the forward pass, in one
 reused 128 MiB buffer; backward only scales the two saved gradients. Same FLOPs as the plain path,
 no logits tensor. Liger-Kernel's fused linear cross-entropy does the same on GPU.
+On fp32 CPU tensors each chunk's log-sum-exp, loss and softmax gradient are one C pass per row
+(:func:`llamalab.model.fused.xent_rows`) instead of six tensor passes over the chunk.
 NOTE: chunks much smaller than ~1k rows make the three matmuls inefficient (128 rows ran 2x slower
 on CPU than 1k).
 

@@ -3,6 +3,7 @@ stand in for, forward and backward; and the cases where PyTorch's ops must run i
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
@@ -210,3 +211,28 @@ def test_cross_entropy_rows_match_pytorch(monkeypatch):
     _close(got, want, 1e-5)
     _close(gh, wh, 1e-5)
     _close(gw, ww, 1e-5)
+
+
+@needs_lib
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the AVX2 build is x86-64's")
+def test_avx2_build_agrees(monkeypatch):
+    """The library built for AVX2 machines (``-march=haswell``) on this one: every op against PyTorch. (Its exp
+    clamps once kept SwiGLU scalar there, 1.5x slower than PyTorch's.)"""
+    from llamalab.inference import kernels
+
+    monkeypatch.setattr(fused, "_lib", fused.open_library(kernels.build("haswell", source=fused.SOURCE)))
+    g = torch.Generator().manual_seed(7)
+    a, b, gh = (torch.randn(4, 64, 352, generator=g) * 4 for _ in range(3))
+    h, (ga, gb) = _grads(fused.swiglu, [a, b], gh)
+    rh, (rga, rgb) = _grads(lambda u, v: F.silu(u) * v, [a, b], gh)
+    _close(h, rh)
+    _close(ga, rga)
+    _close(gb, rgb)
+    x, w = torch.randn(4, 64, 128, generator=g), torch.rand(128, generator=g) + 0.5
+    y, (gx, gw) = _grads(lambda u, v: fused.rms_norm(u, v, 1e-5), [x, w], torch.ones(4, 64, 128))
+    ry, (rgx, rgw) = _grads(lambda u, v: _ref_norm(u, v, 1e-5), [x, w], torch.ones(4, 64, 128))
+    _close(y, ry)
+    _close(gx, rgx)
+    _close(gw, rgw)
+    logits, t = torch.randn(9, 50, generator=g) * 5, torch.randint(0, 50, (9,), generator=g)
+    _close(fused.xent_rows(logits.clone(), t, -100, grad=False), F.cross_entropy(logits, t, reduction="none"))

@@ -6,6 +6,9 @@
  * Threads: OpenMP over rows (or 4096-element chunks), `nt` of them, static schedule: the same thread count gives
  * the same bits (the RMSNorm weight gradient is summed per thread, then over threads in order).
  */
+/* NOTE: without it GCC cannot if-convert the exp clamps on AVX2 (a compare may trap), and SwiGLU ran scalar there:
+ * 1.5x slower than PyTorch's instead of faster. It allows no reassociation: results are unchanged. */
+#pragma GCC optimize("no-trapping-math")
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -19,7 +22,8 @@ int ops_abi(void) { return 1; }
  * p Cephes' degree-7 expf polynomial; relative error ~1e-7 on [-87, 88], clamped outside (exp(-87.3) ~ 1e-38). */
 static inline float fexp(float x) {
     x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-    float n = __builtin_rintf(x * 1.44269504088896341f);
+    /* round to nearest by the 1.5 * 2^23 trick: vectorises on AVX2 too, where rintf stays a call */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693145751953125f;
     r = r - n * 1.428606765330187045e-06f;
     float p = 1.9875691500e-4f;
