@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamalab.model import fused
 from llamalab.model.config import ModelConfig
 from llamalab.model.layers import WeightInit, apply_rotary_emb
 
@@ -82,6 +83,10 @@ class Attention(nn.Module):
         xk = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         xv = self.wv(x).view(B, T, -1, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        if kv_cache is None and mask is None:  # the fused CPU kernel where it applies (fp32, T > 1)
+            out = fused.attention(xq, xk, xv)  # (B, T, H, D)
+            if out is not None:
+                return self.wo(out.reshape(B, T, -1))
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_id, start_pos, xk.transpose(1, 2), xv.transpose(1, 2))
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, D)

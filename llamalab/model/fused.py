@@ -1,8 +1,9 @@
 """Fused fp32 CPU kernels (``csrc/ops.c``, compiled on first use like the quantised GEMM:
 :mod:`llamalab.inference.kernels`) for the work around the matmuls that PyTorch's eager ops spread over many passes:
 
-- training (forward and backward): RMSNorm, SwiGLU's ``silu(a) * b`` and RoPE, used by the model's layers; the fused
-  output head's per-row cross-entropy and its gradient (``xent_rows``, :mod:`llamalab.train.fused_ce`);
+- training (forward and backward): RMSNorm, SwiGLU's ``silu(a) * b``, RoPE and causal self-attention (flash-style,
+  GQA without repeating K/V), used by the model's layers; the fused output head's per-row cross-entropy and its
+  gradient (``xent_rows``, :mod:`llamalab.train.fused_ce`);
 - decoding: one layer's RoPE, KV-cache write and attention for one new token per sequence (``attn_decode``, used by
   the inference runner's eager fp32 path).
 
@@ -11,9 +12,9 @@ activations (and one temporary tensor) per elementary op: RMSNorm is ~6 ops forw
 arithmetic ~8 and ~12, a decode layer's attention ~15 small ops. Each kernel reads its inputs once and writes its
 outputs once. Measured forward + backward, 2 threads, AVX-512 VM (fp32; stories110M's shapes, 8 x 256 tokens):
 RMSNorm 7.5 -> 1.3 ms, SwiGLU 9.8 -> 6.3 ms, RoPE of q and k 10.9 -> 2.5 ms; the tiny preset's shapes 2.4 -> 0.7,
-3.2 -> 1.8, 3.2 -> 0.4 ms. ``llamalab run``'s pretraining 417 -> 362 s; SmolLM2 int4 decode at batch 1, 1 thread,
-57 -> 70 tok/s (``attn_decode``). The step's GEMMs and its training attention stay PyTorch's (a flash-style C
-attention was tried: 0.77-1.0x PyTorch's CPU flash kernel, dropped).
+3.2 -> 1.8, 3.2 -> 0.4 ms; attention 1.2-1.5x PyTorch's CPU flash kernel forward + backward at head sizes 32-64
+(1.1x at 1,024 positions). ``llamalab run``'s pretraining 417 -> 362 s before the attention kernel; SmolLM2 int4
+decode at batch 1, 1 thread, 57 -> 70 tok/s (``attn_decode``). The GEMMs stay PyTorch's (MKL / oneDNN).
 
 When they are used (each call decides; otherwise the plain PyTorch expression runs, with the same math):
 plain fp32 CPU tensors (not DTensors: tensor parallelism keeps PyTorch's ops), contiguous where the kernel reads
@@ -73,6 +74,9 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.rope.argtypes = [p, p, p, i64, i64, i64, i64, f32, cint]
     lib.attn_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
     lib.xent_rows.argtypes = [p, p, p, i64, i64, i64, cint, cint]
+    lib.attn_fwd.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
+    lib.attn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
+    lib.attn_fwd.restype = lib.attn_bwd.restype = cint
     return lib
 
 
@@ -149,6 +153,40 @@ class _RoPE(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor):
         (cs,) = ctx.saved_tensors
         return _rope_call(gy.contiguous(), cs, -1.0), None  # the transposed rotation
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = q.shape
+        Hk = k.shape[2]
+        out, lse = torch.empty_like(q), torch.empty(B, H, T, dtype=torch.float32)
+        if _lib.attn_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), B, T, H, Hk, D,
+                         D ** -0.5, torch.get_num_threads()):
+            raise MemoryError(f"attention: no memory for the transposed keys of {tuple(k.shape)}")
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        gout = gout.contiguous()
+        B, T, H, D = q.shape
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if _lib.attn_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), gout.data_ptr(),
+                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, T, H, k.shape[2], D, D ** -0.5,
+                         torch.get_num_threads()):
+            raise MemoryError("attention backward: no memory for its scratch")
+        return dq, dk, dv
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal ``softmax(q k^T / sqrt(D)) v`` with q (B, T, H, D) and k, v (B, T, Hk, D) in the projections' layout
+    (GQA: query head h reads key head h // (H / Hk)); (B, T, H, D), or None where the kernel does not apply."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] \
+            or k.shape[2] == 0 or q.shape[2] % k.shape[2] or q.shape[1] < 2 or not _usable(q, k, v):
+        return None
+    return _Attention.apply(q, k, v)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -340,7 +340,10 @@ def test_ppo_against_a_trained_reward_model(tmp_path, align_base, prompts_file):
     pairs = write_jsonl(tmp_path / "rm_pairs.jsonl", synthetic_pairs(160, seed=0))
     rm.main(rm.Config(base=str(align_base), data=[str(pairs)], run_dir=str(tmp_path / "rm"), batch_size=16,
                       heldout_fraction=0.25, eval_interval=0, device="cpu", optim=rm.RMOptimConfig(lr=3e-3)))
-    cfg = _cfg(tmp_path, align_base, prompts_file, "ppo_rm", iterations=8, kl_coef=0.3)
+    # NOTE: kl_coef 0.5, not 0.3: at 0.3 this 8-iteration run at lr 5e-3 peaked at KL 2.66 with PyTorch's attention
+    # and 3.59 with the fused CPU kernels (rounding changes sampled tokens, and the run amplifies it); at 0.5 both
+    # peak at 1.9-2.2 nats and the score still rises by 0.28-0.38
+    cfg = _cfg(tmp_path, align_base, prompts_file, "ppo_rm", iterations=8, kl_coef=0.5)
     cfg.reward_fn, cfg.reward_model = [], [str(tmp_path / "rm")]
     cfg.ppo.epochs, cfg.optim.lr, cfg.checkpoint_interval = 4, 5e-3, 8
     res = main(cfg)

@@ -138,7 +138,7 @@ def test_model_layers_take_the_kernels_and_agree_with_pytorch(monkeypatch):
 
     monkeypatch.setattr(fused, "_usable", counting)
     loss, grads = loss_and_grads()
-    assert calls["n"] == 2 * (2 + 1 + 2) + 1  # per block: 2 norms, SwiGLU, RoPE of q and k; the final norm
+    assert calls["n"] == 2 * (2 + 1 + 2 + 1) + 1  # per block: 2 norms, SwiGLU, RoPE of q and k, attention; final norm
     monkeypatch.setattr(fused, "_usable", lambda *ts: False)
     ref_loss, ref_grads = loss_and_grads()
     assert abs(loss.item() - ref_loss.item()) < 1e-5
@@ -236,3 +236,41 @@ def test_avx2_build_agrees(monkeypatch):
     _close(gw, rgw)
     logits, t = torch.randn(9, 50, generator=g) * 5, torch.randint(0, 50, (9,), generator=g)
     _close(fused.xent_rows(logits.clone(), t, -100, grad=False), F.cross_entropy(logits, t, reduction="none"))
+    q, kv = torch.randn(2, 70, 4, 32, generator=g), torch.randn(2, 70, 4, 32, generator=g)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), is_causal=True)
+    _close(fused.attention(q, kv, kv), ref.transpose(1, 2), 1e-5)
+
+
+@needs_lib
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,T,H,Hk,D", [(2, 77, 4, 2, 16), (3, 130, 6, 6, 48), (1, 65, 8, 2, 40), (2, 2, 2, 1, 32),
+                                        (1, 300, 2, 2, 64)])
+def test_causal_attention_matches_sdpa(B, T, H, Hk, D, threads):
+    """Forward and backward against PyTorch's SDPA on repeated K/V: lengths that are not whole 32/64 blocks, GQA,
+    head sizes with a register-blocked path (48, 64) and without (16, 40)."""
+    from llamalab.model.attention import repeat_kv
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(B, T, H, D, generator=g), torch.randn(B, T, Hk, D, generator=g), \
+        torch.randn(B, T, Hk, D, generator=g)
+    go = torch.randn(B, T, H, D, generator=g)
+
+    def ref(q, k, v):
+        n = H // Hk
+        return F.scaled_dot_product_attention(q.transpose(1, 2), repeat_kv(k, n).transpose(1, 2),
+                                              repeat_kv(v, n).transpose(1, 2), is_causal=True).transpose(1, 2)
+
+    out, grads = _grads(fused.attention, [q, k * 3, v], go)  # k * 3: peaky rows, the online softmax's rescaling
+    rout, rgrads = _grads(ref, [q, k * 3, v], go)
+    _close(out, rout, 1e-5)
+    for a, b in zip(grads, rgrads):
+        _close(a, b, 1e-5)
+
+
+def test_attention_kernel_declines_what_it_does_not_do():
+    q, k = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8)
+    assert fused.attention(q, k, k) is None  # one position: decoding uses attn_decode or SDPA
+    q3, k3 = torch.randn(1, 5, 3, 8), torch.randn(1, 5, 2, 8)
+    assert fused.attention(q3, k3, k3) is None  # 3 heads do not share 2 KV heads evenly
+    assert fused.attention(q3.bfloat16(), k3.bfloat16(), k3.bfloat16()) is None
