@@ -30,6 +30,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -38,12 +39,20 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).parent / "csrc" / "ops.c"
 
 _lib: ctypes.CDLL | None = None
+_lock = threading.Lock()
 _tried = False
 _why = ""
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled ops library, or None (the reason in :func:`why_not`) where it cannot be built or is turned off."""
+    if _tried:
+        return _lib
+    with _lock:  # NOTE: a second thread (the server's) waits for the first build rather than seeing None
+        return _load()
+
+
+def _load() -> ctypes.CDLL | None:
     global _lib, _tried, _why
     if _tried:
         return _lib
@@ -89,7 +98,7 @@ def _usable(*ts: torch.Tensor) -> bool:
     torch.compile, and the library loaded."""
     for t in ts:
         if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.dtype != torch.float32 or t.device.type != "cpu" \
-                or not t.is_contiguous():
+                or not t.is_contiguous() or t.numel() == 0:
             return False
     return not torch.compiler.is_compiling() and load() is not None
 
@@ -224,8 +233,9 @@ def attn_decode(qkv: torch.Tensor, cos_sin: torch.Tensor, pos: torch.Tensor, k_c
     """
     n, heads, D = qkv.shape
     S = k_cache.shape[2]
-    if heads != n_heads + 2 * n_kv_heads or k_cache.shape[1:] != (n_kv_heads, S, D) or v_cache.shape != k_cache.shape \
-            or k_cache.shape[0] < n or cos_sin.shape[1:] != (D // 2, 2) or cos_sin.shape[0] < S or pos.shape != (n,):
+    if n_kv_heads < 1 or n_heads % n_kv_heads or D % 2 or heads != n_heads + 2 * n_kv_heads \
+            or k_cache.shape[1:] != (n_kv_heads, S, D) or v_cache.shape != k_cache.shape or k_cache.shape[0] < n \
+            or cos_sin.shape[1:] != (D // 2, 2) or cos_sin.shape[0] < S or pos.shape != (n,):
         raise ValueError(f"attn_decode: qkv {tuple(qkv.shape)}, caches {tuple(k_cache.shape)}, table "
                          f"{tuple(cos_sin.shape)}, pos {tuple(pos.shape)} do not fit H={n_heads}, Hk={n_kv_heads}")
     if not all(t.is_contiguous() and t.dtype == torch.float32 for t in (qkv, cos_sin, k_cache, v_cache)) \

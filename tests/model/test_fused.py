@@ -274,3 +274,19 @@ def test_attention_kernel_declines_what_it_does_not_do():
     q3, k3 = torch.randn(1, 5, 3, 8), torch.randn(1, 5, 2, 8)
     assert fused.attention(q3, k3, k3) is None  # 3 heads do not share 2 KV heads evenly
     assert fused.attention(q3.bfloat16(), k3.bfloat16(), k3.bfloat16()) is None
+
+
+@needs_lib
+def test_nan_propagates_and_large_inputs_stay_finite():
+    """A NaN in gives NaN out (the exp's clamps must not hide it); past exp's range the results stay finite."""
+    a = torch.tensor([float("nan"), -200.0, 88.5, 1.0] * 2500)
+    h = fused.swiglu(a, torch.ones_like(a))
+    assert torch.isnan(h[0]) and torch.isfinite(h[1:4]).all()
+    logits = torch.randn(3, 40)
+    logits[1, 5] = float("nan")
+    loss = fused.xent_rows(logits, torch.tensor([1, 2, 3]), -100, grad=True)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    q = torch.randn(1, 40, 2, 16)
+    q[0, 10, 0, 3] = float("nan")
+    out = fused.attention(q, torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16))
+    assert torch.isnan(out[0, 10, 0]).all() and torch.isfinite(out[0, :10]).all()

@@ -20,12 +20,15 @@
 int ops_abi(void) { return 1; }
 
 /* exp(x) in float, vectorisable: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2] (ln2 split in two for exactness),
- * p Cephes' degree-7 expf polynomial; relative error ~1e-7 on [-87, 88], clamped outside (exp(-87.3) ~ 1e-38). */
+ * p Cephes' degree-7 expf polynomial; relative error ~1e-7 on [-87.3, 88.37], clamped outside (exp(-87.3) ~ 1e-38;
+ * 88.37 keeps n <= 127, a finite result). NaN in, NaN out (selected around the integer conversion, which would be
+ * undefined for a NaN). */
 static inline float fexp(float x) {
-    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    const int nan = x != x;
+    float y = nan ? 0.f : (x < -87.3f ? -87.3f : (x > 88.37f ? 88.37f : x));
     /* round to nearest by the 1.5 * 2^23 trick: vectorises on AVX2 too, where rintf stays a call */
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693145751953125f;
+    float n = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = y - n * 0.693145751953125f;
     r = r - n * 1.428606765330187045e-06f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -34,10 +37,10 @@ static inline float fexp(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
+    uint32_t e = (uint32_t)((int32_t)n + 127) << 23;
     float s;
     memcpy(&s, &e, 4);
-    return p * s;
+    return nan ? x : p * s;
 }
 
 /* y = x / sqrt(mean(x^2) + eps) * w over rows of D; rstd[i] = the row's 1 / sqrt(mean + eps), kept for backward */
