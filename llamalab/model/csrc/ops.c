@@ -242,24 +242,37 @@ void xent_rows(float *logits, const int64_t *t, float *loss, int64_t n, int64_t 
 #define BQ 32
 #define BK 64
 
+/* Register blocks: MR rows x NC columns of fp32 accumulators. AVX-512 has 32 vector registers (4 x 64 = 16 of
+ * them), AVX2 16 (2 x 32 = 8 of them: 4 x 64 would spill). */
+#ifdef __AVX512F__
+#define MR 4
+#define NC 64
+#else
+#define MR 2
+#define NC 32
+#endif
+
 /* S[i][0..BK) = sum_d A[i][d] Bt[d][0..BK) for i < rows <= BQ; A rows of stride lda, Bt rows of stride ldb */
 static inline void mm_abt(const float *restrict A, int64_t lda, const float *restrict Bt, int64_t ldb, int64_t D,
                           int rows, float *restrict S) {
     int i = 0;
-    for (; i + 4 <= rows; i += 4) {
-        float acc[4][BK];
-        for (int r = 0; r < 4; r++)
-            for (int c = 0; c < BK; c++) acc[r][c] = 0.f;
-        for (int64_t d = 0; d < D; d++) {
-            const float *b = Bt + d * ldb;
-            float a0 = A[i * lda + d], a1 = A[(i + 1) * lda + d], a2 = A[(i + 2) * lda + d], a3 = A[(i + 3) * lda + d];
-            #pragma omp simd
-            for (int c = 0; c < BK; c++) {
-                acc[0][c] += a0 * b[c]; acc[1][c] += a1 * b[c]; acc[2][c] += a2 * b[c]; acc[3][c] += a3 * b[c];
+    for (; i + MR <= rows; i += MR)
+        for (int c0 = 0; c0 < BK; c0 += NC) {
+            float acc[MR][NC];
+            for (int r = 0; r < MR; r++)
+                for (int c = 0; c < NC; c++) acc[r][c] = 0.f;
+            for (int64_t d = 0; d < D; d++) {
+                const float *b = Bt + d * ldb + c0;
+                float a[MR];
+                for (int r = 0; r < MR; r++) a[r] = A[(i + r) * lda + d];
+                #pragma GCC unroll 4
+                for (int r = 0; r < MR; r++) {
+                    #pragma omp simd
+                    for (int c = 0; c < NC; c++) acc[r][c] += a[r] * b[c];
+                }
             }
+            for (int r = 0; r < MR; r++) memcpy(S + (i + r) * BK + c0, acc[r], sizeof acc[r]);
         }
-        memcpy(S + i * BK, acc, sizeof acc);
-    }
     for (; i < rows; i++) {
         float acc[BK];
         for (int c = 0; c < BK; c++) acc[c] = 0.f;
@@ -274,24 +287,25 @@ static inline void mm_abt(const float *restrict A, int64_t lda, const float *res
 }
 
 /* O[i][0..DD) += sum_{j < ncols} A(i, j) B[j][0..DD) for i < rows, A(i, j) = A[i * ars + j * acs] (a row-major or a
- * transposed block); 4 rows at a time with the 4 x DD accumulators in registers when DD is a constant */
+ * transposed block); MR rows at a time with the MR x DD accumulators in registers when DD is a constant */
 static inline __attribute__((always_inline)) void acc_rows(const float *restrict A, int64_t ars, int64_t acs,
         int rows, int ncols, const float *restrict B, int64_t ldb, float *restrict O, int64_t ldo, const int64_t DD) {
     int i = 0;
-    for (; i + 4 <= rows; i += 4) {
-        float acc[4][DD];
-        for (int r = 0; r < 4; r++)
+    for (; i + MR <= rows; i += MR) {
+        float acc[MR][DD];
+        for (int r = 0; r < MR; r++)
             for (int64_t d = 0; d < DD; d++) acc[r][d] = O[(i + r) * ldo + d];
         for (int j = 0; j < ncols; j++) {
             const float *b = B + j * ldb;
-            float a0 = A[i * ars + j * acs], a1 = A[(i + 1) * ars + j * acs];
-            float a2 = A[(i + 2) * ars + j * acs], a3 = A[(i + 3) * ars + j * acs];
-            #pragma omp simd
-            for (int64_t d = 0; d < DD; d++) {
-                acc[0][d] += a0 * b[d]; acc[1][d] += a1 * b[d]; acc[2][d] += a2 * b[d]; acc[3][d] += a3 * b[d];
+            float a[MR];
+            for (int r = 0; r < MR; r++) a[r] = A[(i + r) * ars + j * acs];
+            #pragma GCC unroll 4
+            for (int r = 0; r < MR; r++) {
+                #pragma omp simd
+                for (int64_t d = 0; d < DD; d++) acc[r][d] += a[r] * b[d];
             }
         }
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < MR; r++)
             for (int64_t d = 0; d < DD; d++) O[(i + r) * ldo + d] = acc[r][d];
     }
     for (; i < rows; i++) {
