@@ -54,22 +54,24 @@ def load() -> ctypes.CDLL | None:
 
 def _load() -> ctypes.CDLL | None:
     global _lib, _tried, _why
-    if _tried:
-        return _lib
-    _tried = True
-    if os.environ.get("LLAMALAB_KERNELS", "1") == "0":
-        _why = "LLAMALAB_KERNELS=0"
-        return None
+    if not _tried:
+        _tried = True
+        if os.environ.get("LLAMALAB_KERNELS", "1") == "0":
+            _why = "LLAMALAB_KERNELS=0"
+        else:
+            _lib, _why = _build()
+    return _lib
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
     from llamalab.inference import kernels
 
     try:
-        lib = open_library(kernels.build(os.environ.get("LLAMALAB_KERNEL_ARCH", "native"), source=SOURCE))
+        return open_library(kernels.build(os.environ.get("LLAMALAB_KERNEL_ARCH", "native"), source=SOURCE)), ""
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _why = f"could not build {SOURCE.name}: {e}"
-        print(f"llamalab: RMSNorm/SwiGLU/RoPE use PyTorch's ops ({_why})", file=sys.stderr)
-        return None
-    _lib = lib
-    return lib
+        why = f"could not build {SOURCE.name}: {e}"
+        print(f"llamalab: RMSNorm/SwiGLU/RoPE/attention use PyTorch's ops ({why})", file=sys.stderr)
+        return None, why
 
 
 def open_library(path: Path) -> ctypes.CDLL:
