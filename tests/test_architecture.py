@@ -107,7 +107,7 @@ def test_library_does_not_import_commands() -> None:
 
 
 def test_model_imports_no_stage_code() -> None:
-    allowed = ("llamalab.model", "llamalab.common", "llamalab.config")
+    allowed = ("llamalab.model", "llamalab.common", "llamalab.config", "llamalab.native")
     bad = {}
     for p in (PKG / "model").rglob("*.py"):
         if p.name == "folder.py":  # the loader reads every format (interop, tokenizers); the nn.Module does not
@@ -116,3 +116,9 @@ def test_model_imports_no_stage_code() -> None:
         if mods:
             bad[p.name] = mods
     assert not bad, f"the model imports stage code: {bad}"
+
+
+def test_native_builder_is_stdlib_only() -> None:
+    """llamalab/native.py compiles the C kernels for the model and the decoder: it imports nothing of llamalab's."""
+    mods = [m for m in _imports(PKG / "native.py") if m.startswith("llamalab")]
+    assert not mods, mods

@@ -33,18 +33,18 @@ Trade-offs, and what happens when it cannot be used:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from llamalab.native import build as build_native
+from llamalab.native import cache_dir, cpu_flags  # noqa: F401  (the kernels' cache folder; tests read the flags)
+
 SOURCE = Path(__file__).parent / "csrc" / "qdot.c"
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 ISA = {1: "AVX2", 2: "AVX-VNNI", 3: "AVX-512 VNNI"}
 
 _lib: ctypes.CDLL | None = None
@@ -52,51 +52,10 @@ _tried = False
 _why = ""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLAMALAB_CACHE", Path.home() / ".cache" / "llamalab")) / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def build(arch: str = "native", cc: str | None = None, source: Path = SOURCE) -> Path:
-    """Compile ``source`` (``qdot.c`` unless another C file of llamalab's, such as the model's fused ops) for
-    ``-march={arch}`` (cached; see the module docstring) and return the library's path.
+    """Compile ``qdot.c`` (or ``source``) for ``-march={arch}``, cached: :func:`llamalab.native.build`.
     ``arch="haswell"`` builds the AVX2 + FMA path without VNNI, to check it on a newer CPU."""
-    cc = cc or os.environ.get("CC", "cc")
-    flags = [*FLAGS, f"-march={arch}"]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([source.read_text(), cc, version, " ".join(flags), _cpu_flags()]).encode())
-    name = f"{source.stem}-{key.hexdigest()[:16]}.so"
-    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"llamalab-kernels-{os.getuid()}"):
-        if (folder / name).exists():
-            return folder / name
-        try:  # NOTE: a read-only home (containers, CI) falls back to the temp folder
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            break
-        except OSError:
-            continue
-    else:
-        raise RuntimeError(f"no writable folder for the kernel ({cache_dir()} or the temp folder)")
-    out = folder / name
-    os.close(fd)
-    try:
-        r = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if r.returncode:
-            raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return build_native(source, arch, cc)
 
 
 def open_library(path: Path) -> ctypes.CDLL:

@@ -1,5 +1,5 @@
 """Fused fp32 CPU kernels (``csrc/ops.c``, compiled on first use like the quantised GEMM:
-:mod:`llamalab.inference.kernels`) for the work around the matmuls that PyTorch's eager ops spread over many passes:
+:mod:`llamalab.native`) for the work around the matmuls that PyTorch's eager ops spread over many passes:
 
 - training (forward and backward): RMSNorm, SwiGLU's ``silu(a) * b``, RoPE and causal self-attention (flash-style,
   GQA without repeating K/V), used by the model's layers; the fused output head's per-row cross-entropy and its
@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llamalab.native import build as build_native
+
 SOURCE = Path(__file__).parent / "csrc" / "ops.c"
 
 _lib: ctypes.CDLL | None = None
@@ -64,10 +66,8 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    from llamalab.inference import kernels
-
     try:
-        return open_library(kernels.build(os.environ.get("LLAMALAB_KERNEL_ARCH", "native"), source=SOURCE)), ""
+        return open_library(build_native(SOURCE, os.environ.get("LLAMALAB_KERNEL_ARCH", "native"))), ""
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         why = f"could not build {SOURCE.name}: {e}"
         print(f"llamalab: RMSNorm/SwiGLU/RoPE/attention use PyTorch's ops ({why})", file=sys.stderr)

@@ -54,7 +54,7 @@ def test_the_native_kernel_builds_here_or_says_why():
     import platform
     import shutil
 
-    if platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") and "avx2" in kernels._cpu_flags():
+    if platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") and "avx2" in kernels.cpu_flags():
         assert kernels.load() is not None, kernels.why_not()
         assert kernels.isa() in kernels.ISA.values()
     else:

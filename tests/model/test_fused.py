@@ -218,9 +218,9 @@ def test_cross_entropy_rows_match_pytorch(monkeypatch):
 def test_avx2_build_agrees(monkeypatch):
     """The library built for AVX2 machines (``-march=haswell``) on this one: every op against PyTorch. (Its exp
     clamps once kept SwiGLU scalar there, 1.5x slower than PyTorch's.)"""
-    from llamalab.inference import kernels
+    from llamalab import native
 
-    monkeypatch.setattr(fused, "_lib", fused.open_library(kernels.build("haswell", source=fused.SOURCE)))
+    monkeypatch.setattr(fused, "_lib", fused.open_library(native.build(fused.SOURCE, "haswell")))
     g = torch.Generator().manual_seed(7)
     a, b, gh = (torch.randn(4, 64, 352, generator=g) * 4 for _ in range(3))
     h, (ga, gb) = _grads(fused.swiglu, [a, b], gh)
