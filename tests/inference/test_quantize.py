@@ -85,6 +85,28 @@ def test_native_kernel_is_the_blockwise_product(kind, threads):
     assert torch.isnan(lin(x)).all()  # a NaN activation is not quantised away
 
 
+@needs_kernel
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_long_prefills_take_one_sgemm_on_the_same_values(kind, monkeypatch):
+    """From DENSE_ROWS rows BlockLinear widens its blocks to fp32 once and runs one sgemm: the same values as the
+    kernel's (``dense()`` equals the blocks' dequantisation exactly), the same fused norm / SwiGLU / residual."""
+    from llamalab.inference import quantize
+
+    w = _w(40, 96)
+    qw = quantize_q8(w) if kind == "q8" else quantize_q4(w)
+    lin = BlockLinear(qw)
+    assert torch.equal(lin.dense(), qw.dequantize())
+    m = quantize.DENSE_ROWS + 3
+    x, x2, res = torch.randn(m, 96), torch.randn(m, 192), torch.randn(m, 40)
+    g = torch.rand(96) + 0.5
+    _close_to_exact(lin(x), x, qw.dequantize())
+    dense = [lin.fused(x, norm=g, eps=1e-5), lin.fused(x2, swiglu=True, residual=res)]
+    monkeypatch.setattr(quantize, "DENSE_ROWS", 10 ** 9)  # the kernel's own fp32 path for the same rows
+    native = [lin.fused(x, norm=g, eps=1e-5), lin.fused(x2, swiglu=True, residual=res)]
+    for a, b in zip(dense, native):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_q8_blocks_round_to_nearest_and_match_the_gguf_quantiser():
     w = _w()
     qw = quantize_q8(w)
