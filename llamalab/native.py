@@ -15,12 +15,14 @@ NOTE: stdlib only: the model package imports this, and the model imports no stag
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
@@ -70,3 +72,26 @@ def build(source: Path, arch: str = "native", cc: str | None = None) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def switched_off() -> bool:
+    """``LLAMALAB_KERNELS=0``: every native kernel off, PyTorch's ops instead."""
+    return os.environ.get("LLAMALAB_KERNELS", "1") == "0"
+
+
+def open_library(path: Path, bind: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """Load a built library; ``bind`` declares its functions' C types."""
+    lib = ctypes.CDLL(str(path))
+    bind(lib)
+    return lib
+
+
+def load(source: Path, bind: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str]:
+    """``source``'s library built for ``-march=$LLAMALAB_KERNEL_ARCH`` (default native) and opened: (library, ''),
+    or (None, why) when switched off or it cannot be built."""
+    if switched_off():
+        return None, "LLAMALAB_KERNELS=0"
+    try:
+        return open_library(build(source, os.environ.get("LLAMALAB_KERNEL_ARCH", "native")), bind), ""
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"could not build {source.name}: {e}"

@@ -33,16 +33,13 @@ Trade-offs, and what happens when it cannot be used:
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from llamalab.native import build as build_native
-from llamalab.native import cache_dir, cpu_flags  # noqa: F401  (the kernels' cache folder; tests read the flags)
+import llamalab.native as native
 
 SOURCE = Path(__file__).parent / "csrc" / "qdot.c"
 ISA = {1: "AVX2", 2: "AVX-VNNI", 3: "AVX-512 VNNI"}
@@ -52,17 +49,15 @@ _tried = False
 _why = ""
 
 
-def build(arch: str = "native", cc: str | None = None, source: Path = SOURCE) -> Path:
-    """Compile ``qdot.c`` (or ``source``) for ``-march={arch}``, cached: :func:`llamalab.native.build`.
+def build(arch: str = "native", cc: str | None = None) -> Path:
+    """Compile ``qdot.c`` for ``-march={arch}``, cached: :func:`llamalab.native.build`.
     ``arch="haswell"`` builds the AVX2 + FMA path without VNNI, to check it on a newer CPU."""
-    return build_native(source, arch, cc)
+    return native.build(SOURCE, arch, cc)
 
 
 def open_library(path: Path) -> ctypes.CDLL:
     """Load a built library and declare its functions' C types."""
-    lib = ctypes.CDLL(str(path))
-    _bind(lib)
-    return lib
+    return native.open_library(path, _bind)
 
 
 def _bind(lib: ctypes.CDLL) -> None:
@@ -78,22 +73,16 @@ def load() -> ctypes.CDLL | None:
     if _tried:
         return _lib
     _tried = True
-    if os.environ.get("LLAMALAB_KERNELS", "1") == "0":
-        _why = "LLAMALAB_KERNELS=0"
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _why = f"no kernel for {platform.machine()} (x86-64 only)"
+    if platform.machine().lower() in ("x86_64", "amd64") or native.switched_off():
+        lib, _why = native.load(SOURCE, _bind)
     else:
-        try:
-            lib = open_library(build(os.environ.get("LLAMALAB_KERNEL_ARCH", "native")))
-            if lib.qdot_isa():
-                _lib = lib
-                return lib
-            _why = "this CPU (or compiler) has no AVX2 + FMA"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _why = f"could not build {SOURCE.name}: {e}"
-    print(f"llamalab: quantised layers use PyTorch's kernels ({_why})", file=sys.stderr)
-    return None
+        lib, _why = None, f"no kernel for {platform.machine()} (x86-64 only)"
+    if lib is not None and not lib.qdot_isa():
+        lib, _why = None, "this CPU (or compiler) has no AVX2 + FMA"
+    if lib is None and not native.switched_off():
+        print(f"llamalab: quantised layers use PyTorch's kernels ({_why})", file=sys.stderr)
+    _lib = lib
+    return lib
 
 
 def why_not() -> str:

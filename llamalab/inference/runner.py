@@ -111,8 +111,10 @@ class Runner:
         self.pos = [0] * slots  # next position of each slot (host copy)
         self._ar = torch.arange(slots, device=dev)
         self._gqa = bool(self.n_kv != self.n_heads)  # NOTE: plain bool; under dynamic=True, a SymBool
-        # compiled, the rotation is real arithmetic on a (S, D/2, 2) table: inductor cannot generate complex code
-        self._decode_fc = torch.view_as_real(self.decode_freqs).contiguous() if compile else self.decode_freqs
+        # compiled, the rotation is real arithmetic on a (S, D/2, 2) table: inductor cannot generate complex code;
+        # the native decode attention reads the same table
+        self._decode_cs = torch.view_as_real(self.decode_freqs).contiguous()  # (S, D/2, 2) cos, sin
+        self._decode_fc = self._decode_cs if compile else self.decode_freqs
         # NOTE: with the native kernel on every matrix, eager steps fuse each norm, the SwiGLU product and the
         # residual adds into the matmul calls (BlockLinear.fused); a compiled step keeps them as ops (inductor
         # fuses those itself, and cannot trace a ctypes call)
@@ -126,8 +128,6 @@ class Runner:
         # (llamalab.model.fused.attn_decode) instead of ~15 tensor ops; compiled steps keep the ops
         self._native_attn = (not compile and self.dtype == torch.float32 and dev.type == "cpu"
                              and fused.load() is not None)
-        if self._native_attn:
-            self._decode_cs = torch.view_as_real(self.decode_freqs).float().contiguous()  # (S, D/2, 2)
         self._decode_core = self._decode_impl
         if compile:  # one graph for every length (dynamic): the first decode compiles (25-65 s on 2 cores)
             self._decode_core = torch.compile(self._decode_impl, dynamic=True, fullgraph=True)
@@ -239,7 +239,7 @@ class Runner:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
 
         native = None
-        if self._native_attn and self.k[0].is_contiguous():
+        if self._native_attn:
             def native(li: int, qkv: torch.Tensor) -> torch.Tensor:
                 return fused.attn_decode(qkv, self._decode_cs, pos, self.k[li], self.v[li], self.n_heads, self.n_kv)
 

@@ -27,8 +27,6 @@ bits every time, so resume stays bit-exact. Under bf16 autocast the inputs are b
 from __future__ import annotations
 
 import ctypes
-import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -36,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llamalab.native import build as build_native
+import llamalab.native as native
 
 SOURCE = Path(__file__).parent / "csrc" / "ops.c"
 
@@ -58,25 +56,18 @@ def _load() -> ctypes.CDLL | None:
     global _lib, _tried, _why
     if not _tried:
         _tried = True
-        if os.environ.get("LLAMALAB_KERNELS", "1") == "0":
-            _why = "LLAMALAB_KERNELS=0"
-        else:
-            _lib, _why = _build()
+        _lib, _why = native.load(SOURCE, _bind)
+        if _lib is None and not native.switched_off():
+            print(f"llamalab: RMSNorm/SwiGLU/RoPE/attention use PyTorch's ops ({_why})", file=sys.stderr)
     return _lib
-
-
-def _build() -> tuple[ctypes.CDLL | None, str]:
-    try:
-        return open_library(build_native(SOURCE, os.environ.get("LLAMALAB_KERNEL_ARCH", "native"))), ""
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        why = f"could not build {SOURCE.name}: {e}"
-        print(f"llamalab: RMSNorm/SwiGLU/RoPE/attention use PyTorch's ops ({why})", file=sys.stderr)
-        return None, why
 
 
 def open_library(path: Path) -> ctypes.CDLL:
     """Load a build of ``ops.c`` and declare its functions' C types (tests load the AVX2 build this way)."""
-    lib = ctypes.CDLL(str(path))
+    return native.open_library(path, _bind)
+
+
+def _bind(lib: ctypes.CDLL) -> None:
     p, i64, f32, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.rmsnorm_fwd.argtypes = [p, p, p, p, i64, i64, f32, cint]
     lib.rmsnorm_bwd.argtypes = [p, p, p, p, p, p, p, i64, i64, cint]
@@ -88,7 +79,6 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib.attn_fwd.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
     lib.attn_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, f32, cint]
     lib.attn_fwd.restype = lib.attn_bwd.restype = cint
-    return lib
 
 
 def why_not() -> str:

@@ -234,13 +234,12 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     (bench/train_throughput.py, stories15M 32x256, CPU): compiled 2,330 -> 2,466 tokens/s, eager
     2,227 -> 2,287.
     """
-    if not freqs_cis.is_complex():  # the fused CPU kernel where it applies (fp32, contiguous)
-        q, k = fused.rope(xq, freqs_cis), fused.rope(xk, freqs_cis)
-        if q is not None and k is not None:
-            return q, k
     if freqs_cis.is_complex():
         cos, sin = freqs_cis.real, freqs_cis.imag
     else:
+        q, k = fused.rope(xq, freqs_cis), fused.rope(xk, freqs_cis)  # the fused CPU kernel where it applies
+        if q is not None and k is not None:
+            return q, k
         cos, sin = freqs_cis[..., 0], freqs_cis[..., 1]
     shape = (1, xq.shape[1], 1, xq.shape[-1] // 2)
     cos, sin = cos.reshape(shape), sin.reshape(shape)  # (1, T, 1, D/2)

@@ -49,7 +49,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def chunk_grads(dlogits: torch.Tensor, cdt: torch.dtype, w: torch.Tensor, hc: torch.Tensor, grad_h: torch.Tensor,
-              grad_w: torch.Tensor) -> None:
+                grad_w: torch.Tensor) -> None:
     """A chunk's gradients from its logits' gradient: grad_h = dlogits @ W (written), grad_W += dlogits^T @ h."""
     g = dlogits.to(cdt)
     _mm(g, w, grad_h)

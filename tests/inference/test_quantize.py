@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llamalab import native
 from llamalab.common import LlamalabError
 from llamalab.inference import kernels
 from llamalab.inference.quantize import (
@@ -54,7 +55,7 @@ def test_the_native_kernel_builds_here_or_says_why():
     import platform
     import shutil
 
-    if platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") and "avx2" in kernels.cpu_flags():
+    if platform.machine().lower() in ("x86_64", "amd64") and shutil.which("cc") and "avx2" in native.cpu_flags():
         assert kernels.load() is not None, kernels.why_not()
         assert kernels.isa() in kernels.ISA.values()
     else:

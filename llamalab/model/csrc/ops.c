@@ -115,23 +115,23 @@ void swiglu_bwd(const float *a, const float *b, const float *gh, float *ga, floa
     }
 }
 
-/* Rotate each adjacent pair (x[2j], x[2j+1]) of x (B*T rows of H heads of D) by cs[t][j] = (cos, sin), t = row % T:
- * y0 = x0 cos - x1 sin, y1 = x0 sin + x1 cos. sign = -1 applies the transposed rotation (the gradient). */
+/* One head's adjacent pairs (x[2j], x[2j+1]) rotated by c[j] = (cos, sin): y0 = x0 cos - x1 sin, y1 = x0 sin + x1 cos;
+ * sign = -1 applies the transposed rotation (the gradient). y may be x (each pair is read before it is written). */
+static inline void rotate_head(const float *x, const float *c, float *y, int64_t D, float sign) {
+    #pragma omp simd
+    for (int64_t j = 0; j < D / 2; j++) {
+        float co = c[2 * j], si = sign * c[2 * j + 1], x0 = x[2 * j], x1 = x[2 * j + 1];
+        y[2 * j] = x0 * co - x1 * si;
+        y[2 * j + 1] = x0 * si + x1 * co;
+    }
+}
+
+/* RoPE over x (B*T rows of H heads of D) with cs[t] = (cos, sin) pairs for t = row % T (rotate_head) */
 void rope(const float *x, const float *cs, float *y, int64_t B, int64_t T, int64_t H, int64_t D, float sign, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static) if (B * T * H * D >= PAR_MIN)
-    for (int64_t r = 0; r < B * T; r++) {
-        const float *c = cs + (r % T) * D;
-        for (int64_t h = 0; h < H; h++) {
-            const float *xi = x + (r * H + h) * D;
-            float *yi = y + (r * H + h) * D;
-            #pragma omp simd
-            for (int64_t j = 0; j < D / 2; j++) {
-                float co = c[2 * j], si = sign * c[2 * j + 1], x0 = xi[2 * j], x1 = xi[2 * j + 1];
-                yi[2 * j] = x0 * co - x1 * si;
-                yi[2 * j + 1] = x0 * si + x1 * co;
-            }
-        }
-    }
+    for (int64_t r = 0; r < B * T; r++)
+        for (int64_t h = 0; h < H; h++)
+            rotate_head(x + (r * H + h) * D, cs + (r % T) * D, y + (r * H + h) * D, D, sign);
 }
 
 /* One decode step's attention for n sequences (one new token each), in place of ~15 tensor ops per layer.
@@ -144,16 +144,7 @@ void attn_decode(float *qkv, const float *cs, const int64_t *pos, float *kc, flo
     int64_t W = (H + 2 * Hk) * D, rep = H / Hk;
     for (int64_t b = 0; b < n; b++) {
         float *row = qkv + b * W;
-        const float *c = cs + pos[b] * D;
-        for (int64_t h = 0; h < H + Hk; h++) {
-            float *x = row + h * D;
-            #pragma omp simd
-            for (int64_t j = 0; j < D / 2; j++) {
-                float co = c[2 * j], si = c[2 * j + 1], x0 = x[2 * j], x1 = x[2 * j + 1];
-                x[2 * j] = x0 * co - x1 * si;
-                x[2 * j + 1] = x0 * si + x1 * co;
-            }
-        }
+        for (int64_t h = 0; h < H + Hk; h++) rotate_head(row + h * D, cs + pos[b] * D, row + h * D, D, 1.f);
         for (int64_t g = 0; g < Hk; g++) {
             memcpy(kc + ((b * Hk + g) * S + pos[b]) * D, row + (H + g) * D, sizeof(float) * D);
             memcpy(vc + ((b * Hk + g) * S + pos[b]) * D, row + (H + Hk + g) * D, sizeof(float) * D);
@@ -237,7 +228,7 @@ void xent_rows(float *logits, const int64_t *t, float *loss, int64_t n, int64_t 
  * softmax, the log-sum-exp kept for backward instead of the T x T probabilities). q (B, T, H, D) and k, v (B, T,
  * Hk, D) are read in the projections' own layout (no transposes, no repeated K/V for GQA: query head h reads key
  * head h / (H / Hk)); out (B, T, H, D) is what the output projection reads. Block products are register-blocked
- * loops the compiler vectorises (4 rows x 64 keys, or 4 rows x D for D = 32, 48, 64); they beat PyTorch's CPU flash
+ * loops the compiler vectorises (MR rows x NC keys, or MR rows x D for D = 32, 48, 64); they beat PyTorch's CPU flash
  * kernel 1.2-1.5x forward + backward at head sizes 32-64 (llamalab/model/fused.py). */
 #define BQ 32
 #define BK 64
