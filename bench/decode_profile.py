@@ -4,9 +4,9 @@
 
 Runs greedy decoding of ``--tokens`` tokens (after a 16-token prompt and a warm-up) under ``torch.profiler`` and
 splits the wall time per token into: weight matmuls (dense ``mm``/``linear``, PyTorch's int4/int8 kernels or
-llamalab's native one, named ``llamalab::qgemm`` while profiling),
-attention (SDPA), norms, casts and copies (bf16 in/out of the quantised kernels, KV-cache writes), sampling
-(top-k, argmax, softmax), other aten ops, and what no aten op accounts for: Python, dispatch and the profiler's
+llamalab's native one, named ``llamalab::qgemm`` while profiling), attention (SDPA, or the native decode attention
+named ``llamalab::attn_decode``), norms, casts and copies (bf16 in/out of the quantised kernels, KV-cache writes),
+sampling (top-k, argmax, softmax), other aten ops, and what no aten op accounts for: Python, dispatch and the profiler's
 own cost (the profiled run is slower than an unprofiled one, printed beside it). Default model: SmolLM2-135M's
 GGUF (see bench/generate.py).
 """
@@ -29,7 +29,7 @@ from generate import smollm2_path  # noqa: E402
 KINDS = [
     ("weight matmuls", ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "_weight_int4pack_mm",
                         "_weight_int8pack_mm", "aten::bmm", "aten::einsum", "llamalab::qgemm")),
-    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("attention", ("scaled_dot_product", "flash_attention", "llamalab::attn_decode")),
     ("norms", ("rms_norm",)),
     ("casts + copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::contiguous", "aten::index_put",
                         "aten::_index_put_impl_", "aten::cat", "aten::clone")),
@@ -46,20 +46,27 @@ def kind_of(name: str) -> str:
 
 @contextlib.contextmanager
 def _traced_native_kernel():
-    """The native quantised kernel is a ctypes call, invisible to the profiler: name it while profiling."""
+    """The native kernels are ctypes calls, invisible to the profiler: name them while profiling (the quantised
+    GEMM and the decode step's attention)."""
     from llamalab.inference import kernels
+    from llamalab.model import fused
 
-    plain = kernels.qgemm
+    patched = [(kernels, "qgemm", "llamalab::qgemm"), (fused, "attn_decode", "llamalab::attn_decode")]
+    plains = [getattr(mod, name) for mod, name, _ in patched]
 
-    def traced(*args, **kwargs):
-        with torch.profiler.record_function("llamalab::qgemm"):
-            return plain(*args, **kwargs)
+    def traced(plain, label):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return plain(*args, **kwargs)
+        return call
 
-    kernels.qgemm = traced
+    for (mod, name, label), plain in zip(patched, plains):
+        setattr(mod, name, traced(plain, label))
     try:
         yield
     finally:
-        kernels.qgemm = plain
+        for (mod, name, _), plain in zip(patched, plains):
+            setattr(mod, name, plain)
 
 
 def main() -> None:
